@@ -1,0 +1,185 @@
+"""Tasks: built-in corpora or a user's data file, split once into fixed train/validation/test sets.
+
+``load_task("rotten-tomatoes", train_size=2000)`` or ``load_task(data="reviews.csv")``. The corpus is
+split 80/10/10 with a fixed seed (stratified by label), so the test set never changes between runs;
+``seed`` only picks which examples a smaller ``train_size`` / ``val_size`` / ``test_size`` keeps.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from deltatune.data import builtin
+from deltatune.data.files import read_labelled_file, task_name_for_file
+from deltatune.data.split import split_indices, subsample_indices
+from deltatune.errors import UserError
+
+CLASSIFICATION = "classification"
+GENERATION = "generation"
+SUMMARY_MAX_LABELS = 8
+
+
+@dataclass
+class Example:
+    text: str
+    label: int | None = None  # index into TaskData.label_names (classification)
+    text_pair: str | None = None  # second text of a pair task, else None
+    target: str | None = None  # response text for generation tasks
+
+
+@dataclass
+class TaskData:
+    name: str  # "rotten-tomatoes", "bbc-news", "chatterbot", or the file stem
+    kind: str  # "classification" | "generation"
+    label_names: list[str]  # sorted, stable order; [] for generation
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+    description: str = ""  # one sentence describing the task, used for prompts
+
+    def summary(self) -> str:
+        """E.g. "rotten-tomatoes: 2 labels (fresh, rotten), train 2000 / val 500 / test 1000"."""
+        sizes = f"train {len(self.train)} / val {len(self.validation)} / test {len(self.test)}"
+        if self.kind == GENERATION:
+            return f"{self.name}: generation, {sizes}"
+        shown = ", ".join(self.label_names[:SUMMARY_MAX_LABELS])
+        if len(self.label_names) > SUMMARY_MAX_LABELS:
+            shown += f", ... {len(self.label_names) - SUMMARY_MAX_LABELS} more"
+        return f"{self.name}: {len(self.label_names)} labels ({shown}), {sizes}"
+
+
+TaskLoader = Callable[[], tuple[list[Example], list[str], str, str]]
+
+
+def labelled_examples(texts_and_labels: Sequence[tuple[str, str]]) -> tuple[list[Example], list[str]]:
+    """Examples with label indices into the sorted label names."""
+    label_names = sorted({label for _, label in texts_and_labels})
+    label_index = {name: index for index, name in enumerate(label_names)}
+    return [Example(text=text, label=label_index[label]) for text, label in texts_and_labels], label_names
+
+
+def load_rotten_tomatoes() -> tuple[list[Example], list[str], str, str]:
+    examples, label_names = labelled_examples(builtin.read_rotten_tomatoes())
+    description = "Classify whether a movie review snippet is fresh (positive) or rotten (negative)."
+    return examples, label_names, CLASSIFICATION, description
+
+
+def load_bbc_news() -> tuple[list[Example], list[str], str, str]:
+    examples, label_names = labelled_examples(builtin.read_bbc_news())
+    description = (
+        "Classify the topic of a BBC news article: business, entertainment, politics, sports or tech."
+    )
+    return examples, label_names, CLASSIFICATION, description
+
+
+def load_chatterbot() -> tuple[list[Example], list[str], str, str]:
+    examples = [Example(text=prompt, target=reply) for prompt, reply in builtin.read_chatterbot()]
+    description = "Reply to a message in a casual conversation with a chatbot."
+    return examples, [], GENERATION, description
+
+
+BUILTIN_TASKS: dict[str, TaskLoader] = {
+    "rotten-tomatoes": load_rotten_tomatoes,
+    "bbc-news": load_bbc_news,
+    "chatterbot": load_chatterbot,
+}
+
+
+def load_user_file(
+    data: str, text_column: str, text_pair_column: str | None, label_column: str
+) -> tuple[list[Example], list[str], str, str]:
+    rows = read_labelled_file(data, text_column, text_pair_column, label_column)
+    label_names = sorted({row.label for row in rows})
+    if len(label_names) < 2:
+        raise UserError(
+            f"{data}: classification needs at least 2 distinct labels in column '{label_column}', "
+            f"found {len(label_names)}: {', '.join(label_names)}"
+        )
+    label_index = {name: index for index, name in enumerate(label_names)}
+    examples = [Example(text=row.text, label=label_index[row.label], text_pair=row.text_pair) for row in rows]
+    subject = "pair of texts" if text_pair_column is not None else "text"
+    shown = ", ".join(label_names[:SUMMARY_MAX_LABELS]) + (
+        ", ..." if len(label_names) > SUMMARY_MAX_LABELS else ""
+    )
+    return examples, label_names, CLASSIFICATION, f"Classify each {subject} as one of: {shown}."
+
+
+def check_requested_size(name: str, size: int | None) -> None:
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise UserError(f"{name} must be a positive integer, got {size!r}")
+
+
+def take_subsample(examples: list[Example], size: int | None, seed: int, split_name: str) -> list[Example]:
+    if size is None:
+        return examples
+    chosen = subsample_indices([example.label for example in examples], size, seed, split_name)
+    return [examples[index] for index in chosen]
+
+
+def check_splits(task: TaskData) -> None:
+    """Every split non-empty; every label of validation/test also present in train."""
+    corpus_size = len(task.train) + len(task.validation) + len(task.test)
+    for split_name, split in (("train", task.train), ("validation", task.validation), ("test", task.test)):
+        if not split:
+            raise UserError(
+                f"{task.name}: the {split_name} split is empty: {corpus_size} examples are too few "
+                f"for an 80/10/10 split (need at least a handful per label)"
+            )
+    if task.kind != CLASSIFICATION:
+        return
+    train_labels = Counter(example.label for example in task.train)
+    for split_name, split in (("validation", task.validation), ("test", task.test)):
+        for example in split:
+            if example.label not in train_labels:
+                label_name = task.label_names[example.label] if example.label is not None else "None"
+                raise UserError(
+                    f"{task.name}: label '{label_name}' appears in the {split_name} split but never in train "
+                    f"({len(task.train)} train examples for {len(task.label_names)} labels)"
+                )
+
+
+def load_task(
+    task: str | None = None,
+    *,
+    data: str | None = None,
+    text_column: str = "text",
+    text_pair_column: str | None = None,
+    label_column: str = "label",
+    train_size: int | None = None,
+    val_size: int | None = None,
+    test_size: int | None = None,
+    seed: int = 0,
+) -> TaskData:
+    """Load a built-in task by name or a user data file, split 80/10/10 and optionally subsample."""
+    if (task is None) == (data is None):
+        raise UserError("give exactly one of a built-in task name or a data file")
+    for size_name, size in (("train_size", train_size), ("val_size", val_size), ("test_size", test_size)):
+        check_requested_size(size_name, size)
+
+    if task is not None:
+        name = task.strip().lower().replace("_", "-")
+        if name not in BUILTIN_TASKS:
+            raise UserError(f"unknown task '{task}' (known tasks: {', '.join(BUILTIN_TASKS)})")
+        examples, label_names, kind, description = BUILTIN_TASKS[name]()
+    else:
+        assert data is not None
+        name = task_name_for_file(Path(data))
+        examples, label_names, kind, description = load_user_file(
+            data, text_column, text_pair_column, label_column
+        )
+
+    train_indices, validation_indices, test_indices = split_indices([example.label for example in examples])
+    task_data = TaskData(
+        name=name,
+        kind=kind,
+        label_names=label_names,
+        train=take_subsample([examples[i] for i in train_indices], train_size, seed, "train"),
+        validation=take_subsample([examples[i] for i in validation_indices], val_size, seed, "validation"),
+        test=take_subsample([examples[i] for i in test_indices], test_size, seed, "test"),
+        description=description,
+    )
+    check_splits(task_data)
+    return task_data
