@@ -1,0 +1,83 @@
+"""The `deltatune` command. COMMANDS maps each command to one function; its signature is the flags.
+
+User errors (bad files, flags, deltas) print one line and exit with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from deltatune.errors import UserError
+
+COMMANDS: dict[str, str] = {
+    "train": "deltatune.commands:train",
+    "eval": "deltatune.commands:evaluate",
+    "predict": "deltatune.commands:predict",
+    "export": "deltatune.commands:export",
+    "compare": "deltatune.compare:compare",
+    "estimate": "deltatune.estimate.cli:estimate",
+}
+
+
+def _load(target: str):
+    module, _, func = target.partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from deltatune.cliargs import build_parser
+
+    parser = argparse.ArgumentParser(prog="deltatune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, target in COMMANDS.items():
+        try:
+            func = _load(target)
+        except ImportError:  # a command whose module is not there yet
+            continue
+        doc = (func.__doc__ or "").strip().splitlines()
+        cmd = sub.add_parser(name, help=doc[0] if doc else "", description=doc[0] if doc else "")
+        cmd.add_argument("--config", help="YAML/TOML/JSON file of flag defaults (flags on the command line win)")
+        build_parser(cmd, func)
+        cmd.set_defaults(_func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from deltatune.cliargs import call_with
+    from deltatune.config import load_config_file
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = make_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            sys.exit(2)
+        if args.config:
+            sub = parser._subparsers._group_actions[0].choices[args.command]
+            known = {a.dest for a in sub._actions}
+            defaults = {}
+            for key, value in load_config_file(args.config).items():
+                dest = next((d for d in known if d == key or d.endswith("." + key)), None)
+                if dest is None:
+                    raise UserError(f"config file {args.config}: unknown option '{key}' for {args.command}")
+                defaults[dest] = value
+            sub.set_defaults(**defaults)
+            args = parser.parse_args(argv)
+        code = call_with(args._func, args)
+    except UserError as exc:
+        print(f"deltatune: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("deltatune: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""train, eval, predict, export: one function per command; each signature is that command's flags."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from deltatune.config import TrainConfig
+from deltatune.data import TaskData, load_task
+from deltatune.errors import UserError
+
+
+@dataclass
+class TaskArgs:
+    task: str | None = None
+    """Built-in task: rotten-tomatoes, bbc-news, chatterbot."""
+    data: str | None = None
+    """A CSV, TSV or JSONL file of your own (instead of --task)."""
+    text_column: str = "text"
+    """Column holding the text (with --data)."""
+    text_pair_column: str | None = None
+    """Column holding the second text of a pair task (with --data)."""
+    label_column: str = "label"
+    """Column holding the label (with --data)."""
+    train_size: int | None = None
+    """Subsample the training split to N examples (stratified)."""
+    val_size: int | None = None
+    """Subsample the validation split to N examples (stratified)."""
+    test_size: int | None = None
+    """Subsample the test split to N examples (stratified)."""
+
+    def load(self, seed: int = 0, default_task: str | None = None) -> TaskData:
+        task = self.task if (self.task or self.data) else default_task
+        return load_task(task, data=self.data, text_column=self.text_column,
+                         text_pair_column=self.text_pair_column, label_column=self.label_column,
+                         train_size=self.train_size, val_size=self.val_size, test_size=self.test_size,
+                         seed=seed)
+
+
+def parse_options(pairs: list[str] | None) -> dict[str, str]:
+    """`--set r=16 --set target_modules=query,value` -> {"r": "16", "target_modules": "query,value"}."""
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set expects KEY=VALUE, got '{pair}'")
+        options[key.strip().replace("-", "_")] = value.strip()
+    return options
+
+
+def train(*, method: str = "lora", out: str, data: TaskArgs, training: TrainConfig, model: str | None = None,
+          pooling: str = "hf", unfreeze_last: int | None = None, set_: list[str] | None = None,
+          threads: int | None = None, json_: bool = False) -> int:
+    """Train one method on a task and write its delta directory.
+
+    Args:
+        method: Adaptation method (features, head, last2, full, lora, bitfit, ...).
+        out: Output delta directory (replaced atomically).
+        model: Hugging Face model folder or alias (default: the packaged all-MiniLM-L6-v2).
+        pooling: hf (transformers' own head), mean, cls or last.
+        unfreeze_last: With head: also train the last N transformer layers.
+        set_: Method option KEY=VALUE, e.g. r=16 or target_modules=query,key,value.
+        threads: torch intra-op threads (default: torch's choice).
+        json_: Print the metrics as JSON.
+    """
+    from deltatune.workflow import TrainJob, run_train_job, set_threads
+
+    set_threads(threads)
+    options = parse_options(set_)
+    if unfreeze_last is not None:
+        options["unfreeze_last"] = unfreeze_last
+    task = data.load(training.seed)
+    if task.kind != "classification":
+        raise UserError(f"task '{task.name}' is a {task.kind} task; `train` handles classification")
+    print(task.summary(), file=sys.stderr)
+    metrics = run_train_job(TrainJob(method=method, task=task, model=model, pooling=pooling,
+                                     options=options, train=training), out)
+    if json_:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(f"{method}: test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+              f"{metrics['trainable_params']:,} trainable parameters ({metrics['trainable_pct']:.3f}%), "
+              f"{metrics['train_seconds']:.1f} s; delta written to {out} ({metrics['delta_bytes']:,} bytes)")
+    return 0
+
+
+def evaluate(delta: str, *, data: TaskArgs, split: str = "test", model: str | None = None,
+             batch_size: int = 64, precision: str = "fp32", device: str = "auto", json_: bool = False) -> int:
+    """Evaluate a delta on a task's split (default: the delta's own task).
+
+    Args:
+        delta: Delta directory written by `deltatune train`.
+        split: Which split to evaluate: train, validation or test.
+        model: Backbone folder, if not the one recorded in the delta.
+        batch_size: Evaluation batch size.
+        precision: fp32 or bf16.
+        device: auto, cpu or cuda.
+        json_: Print the metrics as JSON.
+    """
+    from deltatune.backbone import pick_device
+    from deltatune.batching import encode
+    from deltatune.delta import load_delta, read_meta
+    from deltatune.evaluate import evaluate as run_eval
+
+    meta = read_meta(delta)
+    task = data.load(default_task=meta["task"]["name"] if not (data.task or data.data) else None)
+    if split not in ("train", "validation", "test"):
+        raise UserError(f"--split must be train, validation or test, not '{split}'")
+    examples = remap_labels(getattr(task, split), task.label_names, meta["task"]["label_names"])
+    loaded = load_delta(delta, model=model, device=pick_device(device))
+    max_length = meta.get("train_config", {}).get("max_length", 128)
+    rows = encode(loaded.task_model.tokenizer, examples, max_length, split)
+    metrics = run_eval(loaded.task_model, rows, batch_size, precision)
+    metrics.update(task=task.name, split=split, examples=len(rows), method=meta["method"])
+    if json_:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(f"{meta['method']} on {task.name}/{split} ({len(rows)} examples): accuracy "
+              f"{metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+              f"{metrics['inference_ms_per_example']:.2f} ms/example")
+    return 0
+
+
+def remap_labels(examples, data_labels: list[str], delta_labels: list[str]):
+    """Re-index labels from the data's label order to the delta's; unknown labels are an error."""
+    from dataclasses import replace
+
+    index = {name: i for i, name in enumerate(delta_labels)}
+    unknown = sorted(set(data_labels) - set(index))
+    if unknown:
+        raise UserError(f"label '{unknown[0]}' is not one of the delta's labels ({', '.join(delta_labels)})")
+    return [replace(e, label=index[data_labels[e.label]]) for e in examples]
+
+
+def predict(delta: str, texts: list[str] = (), *, file: str | None = None, model: str | None = None,
+            batch_size: int = 64, device: str = "auto", json_: bool = False) -> int:
+    """Predict labels for texts given as arguments, in a file (one per line), or on stdin.
+
+    Args:
+        delta: Delta directory written by `deltatune train`.
+        texts: Texts to classify; none given: read --file or standard input, one text per line.
+        file: A file with one text per line.
+        model: Backbone folder, if not the one recorded in the delta.
+        batch_size: Batch size.
+        device: auto, cpu or cuda.
+        json_: Print a JSON list of {text, label, probabilities}.
+    """
+    from deltatune.backbone import pick_device
+    from deltatune.delta import load_delta
+    from deltatune.predict import predict_texts
+
+    texts = list(texts)
+    if not texts:
+        if file:
+            if not Path(file).exists():
+                raise UserError(f"file not found: {file}")
+            lines = Path(file).read_text(encoding="utf-8", errors="replace").splitlines()
+        else:
+            lines = sys.stdin.read().splitlines()
+        texts = [line for line in lines if line.strip()]
+    if not texts:
+        raise UserError("no text to predict: give texts as arguments, --file, or lines on stdin")
+    loaded = load_delta(delta, model=model, device=pick_device(device))
+    results = predict_texts(loaded, texts, batch_size)
+    if json_:
+        print(json.dumps(results, indent=2, ensure_ascii=False))
+    else:
+        for r in results:
+            probs = " ".join(f"{k}={v:.3f}" for k, v in r["probabilities"].items())
+            print(f"{r['label']}\t{probs}\t{r['text']}")
+    return 0
+
+
+def export(delta: str, out: str, *, format: str = "peft") -> int:  # noqa: A002 - the flag is --format
+    """Export a delta to another format (peft: adapter_config.json + adapter_model.safetensors).
+
+    Args:
+        delta: Delta directory written by `deltatune train`.
+        out: Output directory (replaced atomically).
+        format: Target format: peft.
+    """
+    from deltatune.peft_format import export_peft
+
+    if format != "peft":
+        raise UserError(f"unknown export format '{format}': supported: peft")
+    export_peft(delta, out)
+    print(f"wrote {out} (peft format)")
+    return 0

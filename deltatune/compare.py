@@ -1,0 +1,105 @@
+"""`deltatune compare`: every strategy on the same task and split, side by side.
+
+Each method trains in its own child process (`deltatune train --json`), so its peak memory is its
+own and not what earlier methods left behind. Results: DIR/results.json, DIR/results.md (also
+printed) and DIR/accuracy_vs_params.png; each method's delta stays in DIR/deltas/METHOD.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from deltatune.cliargs import to_argv
+from deltatune.commands import TaskArgs
+from deltatune.config import TrainConfig
+from deltatune.errors import UserError
+from deltatune.io import write_json_atomic, write_text_atomic
+from deltatune.methods import REGISTRY, method_names, resolve_method
+from deltatune.report import add_inference_overhead, markdown_table, plot_accuracy_vs_params
+
+DEFAULT_METHODS = "features,head,last2,full,lora,bitfit"
+DEFAULT_TASK = "rotten-tomatoes"
+DEFAULT_SIZES = {"train_size": 2000, "val_size": 500, "test_size": 1000}
+
+
+def options_for(method: str, pairs: list[str] | None) -> list[str]:
+    """`--set` pairs that apply to this method: `lora.r=16` (one method) or `r=16` (all that have r)."""
+    module, config = resolve_method(method)
+    fields = set(vars(config)) if not hasattr(config, "__dataclass_fields__") else set(config.__dataclass_fields__)
+    chosen = []
+    for pair in pairs or []:
+        key, _, value = pair.partition("=")
+        scope, dot, name = key.rpartition(".")
+        if dot and scope != method and scope != module.NAME:
+            continue
+        if name in fields or (dot and name):
+            chosen.append(f"{name}={value}")
+    return chosen
+
+
+def compare(*, methods: str = DEFAULT_METHODS, out: str = "runs/compare", data: TaskArgs, training: TrainConfig,
+            model: str | None = None, pooling: str = "hf", set_: list[str] | None = None,
+            threads: int | None = None) -> int:
+    """Train several methods on the same task and split; print and plot the comparison.
+
+    Args:
+        methods: Comma-separated methods, or 'all'.
+        out: Output directory for results.json, results.md, the plot and each method's delta.
+        model: Hugging Face model folder or alias (default: the packaged all-MiniLM-L6-v2).
+        pooling: hf (transformers' own head), mean, cls or last.
+        set_: Method option, `METHOD.KEY=VALUE` for one method or `KEY=VALUE` for every method that has it.
+        threads: torch intra-op threads per child process.
+    """
+    names = method_names() if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()]
+    for name in names:
+        resolve_method(name)  # unknown names fail before any training starts
+    if not (data.task or data.data):
+        data.task = DEFAULT_TASK
+        for key, value in DEFAULT_SIZES.items():
+            if getattr(data, key) is None:
+                setattr(data, key, value)
+    task = data.load(training.seed)  # validates the data once, in this process
+    print(f"compare: {task.summary()}; methods: {', '.join(names)}", file=sys.stderr)
+    out_dir = Path(out)
+    rows: list[dict] = []
+    for name in names:
+        argv = [sys.executable, "-m", "deltatune", "train", "--method", name, "--out",
+                str(out_dir / "deltas" / name), "--pooling", pooling, "--json",
+                *to_argv(data), *to_argv(training)]
+        if model:
+            argv += ["--model", model]
+        if threads:
+            argv += ["--threads", str(threads)]
+        for pair in options_for(name, set_):
+            argv += ["--set", pair]
+        print(f"\n== {name} ==", file=sys.stderr)
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True, env={**os.environ})
+        if proc.returncode != 0:
+            print(f"compare: {name} failed (exit {proc.returncode}); continuing", file=sys.stderr)
+            rows.append({"method": name, "error": f"exit {proc.returncode}"})
+            continue
+        row = json.loads(proc.stdout)
+        rows.append(row)
+        print(f"{name}: accuracy {row['accuracy']:.4f} in {row['train_seconds']:.1f} s", file=sys.stderr)
+    done = [r for r in rows if "error" not in r]
+    if not done:
+        raise UserError("every method failed; see the messages above")
+    add_inference_overhead(done)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "results.json", rows)
+    header = (f"# deltatune compare: {task.summary()}\n\nmodel: {model or 'all-MiniLM-L6-v2 (packaged)'}, "
+              f"pooling: {pooling}, epochs: {training.epochs}, batch: {training.batch_size}, "
+              f"precision: {training.precision}, seed: {training.seed}\n\n")
+    table = markdown_table(rows)
+    write_text_atomic(out_dir / "results.md", header + table)
+    plot_accuracy_vs_params(done, out_dir / "accuracy_vs_params.png", title=f"{task.name}: accuracy vs trainable parameters")
+    print(table)
+    print(f"results: {out_dir}/results.json, results.md, accuracy_vs_params.png")
+    return 0
+
+
+__all__ = ["compare", "REGISTRY"]

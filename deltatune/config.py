@@ -1,0 +1,81 @@
+"""Training configuration: one dataclass, a docstring under each field; CLI flags override it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deltatune.errors import UserError
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    """Passes over the training split."""
+    batch_size: int = 32
+    """Examples per optimizer step (before gradient accumulation)."""
+    grad_accum: int = 1
+    """Micro-batches whose gradients are summed before one optimizer step."""
+    lr: float | None = None
+    """Peak learning rate; None uses the method's DEFAULT_LR."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay (not applied to biases and norms)."""
+    warmup_ratio: float = 0.06
+    """Fraction of steps with a linear warm-up from 0 to lr; then linear decay to 0."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    max_length: int = 128
+    """Tokens per example after truncation; batches pad only to their longest row."""
+    seed: int = 0
+    """Seeds Python, NumPy and torch: the same seed gives the same delta."""
+    precision: str = "fp32"
+    """fp32, or bf16 (autocast on CPU and CUDA)."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda, cuda:N."""
+    eval_batch_size: int = 64
+    """Batch size for validation and test."""
+    cache: str = "auto"
+    """Frozen-prefix cache: auto (memory, spilling to disk past cache_max_mb), memory, disk, off."""
+    cache_max_mb: float = 1024
+    """Memory bound of the frozen-prefix cache before it spills to disk."""
+    progress: bool = True
+    """Show a progress bar with loss and throughput."""
+
+    def validate(self) -> TrainConfig:
+        if self.precision not in ("fp32", "bf16"):
+            raise UserError(f"--precision must be fp32 or bf16, not '{self.precision}'")
+        if self.cache not in ("auto", "memory", "disk", "off"):
+            raise UserError(f"--cache must be auto, memory, disk or off, not '{self.cache}'")
+        for name in ("epochs", "batch_size", "grad_accum", "max_length", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config_file(path: str | None) -> dict[str, Any]:
+    """Flag defaults from a YAML/TOML/JSON file (keys are flag names with - or _)."""
+    if not path:
+        return {}
+    file = Path(path)
+    if not file.exists():
+        raise UserError(f"config file not found: {path}")
+    text = file.read_text()
+    try:
+        if file.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # noqa: BLE001 - any parse error is the user's file
+        raise UserError(f"cannot parse config file {path}: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of flag names to values")
+    return {k.replace("-", "_"): v for k, v in data.items()}

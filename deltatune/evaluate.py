@@ -1,0 +1,102 @@
+"""Evaluation: logits in input order, accuracy and macro-F1, pooled features, timing."""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from deltatune.backbone import TaskModel
+from deltatune.batching import Encoded, collate, eval_batches
+from deltatune.caching import FrozenPrefixCache
+
+
+def autocast_for(device: torch.device, precision: str):
+    """bf16 autocast on CPU or CUDA when asked for, else a no-op context."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def forward_batch(task_model: TaskModel, batch: dict, cache: FrozenPrefixCache | None = None):
+    """Run the model on a collated batch (through the cache's top when its rows are cached)."""
+    inputs = {k: v for k, v in batch.items() if k != "keys"}
+    if cache is not None and all(k in cache for k in batch["keys"]):
+        cache.set_batch(batch)
+        with cache.top_only():
+            return task_model.module(**inputs)
+    return task_model.module(**inputs)
+
+
+@torch.no_grad()
+def predict_logits(task_model: TaskModel, rows: list[Encoded], batch_size: int = 64,
+                   precision: str = "fp32", cache: FrozenPrefixCache | None = None) -> torch.Tensor:
+    """(N, K) float32 logits for rows, in the order of `rows` (batches are length-sorted inside)."""
+    module = task_model.module
+    was_training = module.training
+    module.eval()
+    device = task_model.device()
+    pad_id = task_model.tokenizer.pad_token_id
+    lengths = [len(r.input_ids) for r in rows]
+    out = torch.empty((len(rows), task_model.num_labels), dtype=torch.float32)
+    try:
+        for idx in eval_batches(lengths, batch_size):
+            batch = collate([rows[i] for i in idx], pad_id, device)
+            batch.pop("labels", None)
+            with autocast_for(device, precision):
+                logits = forward_batch(task_model, batch, cache).logits
+            out[idx] = logits.float().cpu()
+    finally:
+        module.train(was_training)
+    return out
+
+
+def classification_metrics(logits: torch.Tensor, labels: list[int], num_labels: int) -> dict[str, float]:
+    from sklearn.metrics import f1_score
+
+    pred = logits.argmax(-1).numpy()
+    gold = np.asarray(labels)
+    return {
+        "accuracy": float((pred == gold).mean()) if len(gold) else 0.0,
+        "macro_f1": float(f1_score(gold, pred, average="macro", labels=list(range(num_labels)),
+                                   zero_division=0)) if len(gold) else 0.0,
+    }
+
+
+def evaluate(task_model: TaskModel, rows: list[Encoded], batch_size: int = 64, precision: str = "fp32",
+             cache: FrozenPrefixCache | None = None) -> dict[str, float]:
+    """Accuracy, macro-F1 and inference time per example on labelled rows."""
+    start = time.perf_counter()
+    logits = predict_logits(task_model, rows, batch_size, precision, cache)
+    seconds = time.perf_counter() - start
+    metrics = classification_metrics(logits, [r.label for r in rows], task_model.num_labels)
+    metrics["inference_ms_per_example"] = 1000 * seconds / max(1, len(rows))
+    return metrics
+
+
+@torch.no_grad()
+def pooled_features(task_model: TaskModel, rows: list[Encoded], batch_size: int = 64,
+                    precision: str = "fp32", cache: FrozenPrefixCache | None = None) -> np.ndarray:
+    """(N, H) inputs of the classifier (the pooled representation), in the order of `rows`."""
+    captured: list[torch.Tensor] = []
+    hook = task_model.module.classifier.register_forward_pre_hook(
+        lambda _m, args: captured.append(args[0].float().cpu()))
+    try:
+        module = task_model.module
+        module.eval()
+        device = task_model.device()
+        out = None
+        for idx in eval_batches([len(r.input_ids) for r in rows], batch_size):
+            batch = collate([rows[i] for i in idx], task_model.tokenizer.pad_token_id, device)
+            batch.pop("labels", None)
+            with autocast_for(device, precision):
+                forward_batch(task_model, batch, cache)
+            feats = captured.pop()
+            if out is None:
+                out = np.zeros((len(rows), feats.shape[-1]), dtype=np.float32)
+            out[idx] = feats.numpy()
+    finally:
+        hook.remove()
+    return out

@@ -1,0 +1,40 @@
+"""The adaptation methods, by name. Adding a method: one file here and one line in REGISTRY."""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+from deltatune.errors import UserError
+from deltatune.methods import bitfit, features, full, head, lora
+from deltatune.methods.base import build_config
+
+REGISTRY: dict[str, ModuleType] = {
+    "features": features,
+    "head": head,
+    "full": full,
+    "lora": lora,
+    "bitfit": bitfit,
+}
+
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "last2": ("head", {"unfreeze_last": 2}),
+}
+"""Ready names for a method with options: `last2` is `head` with the last 2 layers unfrozen."""
+
+
+def method_names() -> list[str]:
+    return list(REGISTRY) + list(PRESETS)
+
+
+def resolve_method(name: str, overrides: dict[str, Any] | None = None) -> tuple[ModuleType, Any]:
+    """(method module, its config) for a registry or preset name, with user overrides applied."""
+    options: dict[str, Any] = {}
+    if name in PRESETS:
+        name, preset = PRESETS[name]
+        options.update(preset)
+    if name not in REGISTRY:
+        raise UserError(f"unknown method '{name}': choose from {', '.join(method_names())}")
+    options.update(overrides or {})
+    method = REGISTRY[name]
+    return method, build_config(method.Config, options)

@@ -1,0 +1,37 @@
+"""Fine-tuning I: freeze the backbone, train the task head (and optionally the last N layers).
+
+    h = Backbone_frozen(x)           (layers 0 .. L-N-1 frozen)
+    y = Head(Layers_{L-N..L-1}(h))   (the head and the last N layers train)
+
+With N = 0 this is a linear probe on the model's own pooled output. Because nothing below the
+trainable top needs gradients, the frozen bottom's output can be computed once and cached
+(`deltatune.caching`), so later epochs run only the top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from deltatune.backbone import TaskModel
+from deltatune.errors import UserError
+from deltatune.methods.base import train_head
+
+NAME = "head"
+DEFAULT_LR = 1e-3
+
+
+@dataclass
+class Config:
+    unfreeze_last: int = 0
+    """Number of top transformer layers that train with the head (0: head only)."""
+
+
+def apply(task_model: TaskModel, config: Config) -> None:
+    layers = task_model.layers()
+    if not 0 <= config.unfreeze_last <= len(layers):
+        raise UserError(f"--unfreeze-last {config.unfreeze_last}: the model has {len(layers)} layers")
+    train_head(task_model)
+    for layer in list(layers)[len(layers) - config.unfreeze_last:]:
+        layer.requires_grad_(True)
+    if config.unfreeze_last and task_model.arch.final_norm:  # the norm after the last layer
+        task_model.backbone.get_submodule(task_model.arch.final_norm).requires_grad_(True)

@@ -1,0 +1,167 @@
+"""One training loop for every method.
+
+AdamW (decoupled weight decay, none on biases and norms) -> linear warm-up then linear decay ->
+gradient accumulation -> clipping -> evaluation on validation after each epoch -> the best epoch's
+trainable tensors are restored at the end. Seeded, bf16 autocast optional, device chosen at run
+time. Frozen bottoms run in eval mode and, when nothing trainable sits below them, are cached.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from deltatune.backbone import TaskModel
+from deltatune.batching import Encoded, collate, train_batches
+from deltatune.caching import FrozenPrefixCache, frozen_prefix_depth
+from deltatune.config import TrainConfig
+from deltatune.evaluate import autocast_for, evaluate, forward_batch, pooled_features
+from deltatune.methods.base import trainable_state
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    validation: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    train_examples_per_second: float = 0.0
+    cache: dict[str, Any] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(module: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def warmup_linear(total_steps: int, warmup_ratio: float):
+    warmup = max(1, int(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return factor
+
+
+def set_train_mode(task_model: TaskModel, frozen_depth: int) -> None:
+    """Train mode for the trainable part; the frozen bottom stays in eval mode (no dropout)."""
+    task_model.module.train()
+    if frozen_depth > 0:
+        task_model.backbone.get_submodule(task_model.arch.embeddings).eval()
+        for layer in list(task_model.layers())[:frozen_depth]:
+            layer.eval()
+
+
+def make_cache(task_model: TaskModel, config: TrainConfig, splits: list[list[Encoded]]):
+    """Fill a frozen-prefix cache for the given splits, or None when it does not apply."""
+    depth = frozen_prefix_depth(task_model)
+    if depth == 0 or config.cache == "off":
+        return None
+    max_mb = 0 if config.cache == "disk" else (float("inf") if config.cache == "memory" else config.cache_max_mb)
+    cache = FrozenPrefixCache(task_model, depth, max_memory_mb=max_mb)
+    device = task_model.device()
+    task_model.module.eval()
+    rows = [r for split in splits for r in split]
+    for start in tqdm(range(0, len(rows), config.eval_batch_size), desc="caching frozen layers",
+                      disable=not config.progress, leave=False):
+        batch = collate(rows[start:start + config.eval_batch_size], task_model.tokenizer.pad_token_id, device)
+        with autocast_for(device, config.precision):
+            cache.add(batch)
+    cache.flush()
+    return cache
+
+
+def train_model(task_model: TaskModel, method: ModuleType, method_config: Any, train: list[Encoded],
+                validation: list[Encoded], config: TrainConfig) -> TrainResult:
+    """Train the trainable parameters of task_model (already prepared by method.apply)."""
+    seed_everything(config.seed)
+    start = time.perf_counter()
+    cache = make_cache(task_model, config, [train, validation])
+    cache_info = {"depth": cache.depth, "spilled_mb": cache.spilled_bytes / 2**20} if cache else {}
+    if hasattr(method, "fit"):  # non-gradient methods (features): fit on pooled representations
+        train_x = pooled_features(task_model, train, config.eval_batch_size, config.precision, cache)
+        val_x = pooled_features(task_model, validation, config.eval_batch_size, config.precision, cache)
+        fitted = method.fit(task_model, method_config, (train_x, np.array([r.label for r in train])),
+                            (val_x, np.array([r.label for r in validation])))
+        val = evaluate(task_model, validation, config.eval_batch_size, config.precision, cache)
+        seconds = time.perf_counter() - start
+        return TrainResult(best_epoch=1, validation=val, history=[{"epoch": 1, **val, **fitted}],
+                           train_seconds=seconds, train_examples_per_second=len(train) / seconds,
+                           cache=cache_info)
+    return _gradient_loop(task_model, method, method_config, train, validation, config, cache, start,
+                          cache_info)
+
+
+def _gradient_loop(task_model, method, method_config, train, validation, config, cache, start, cache_info):
+    module, device = task_model.module, task_model.device()
+    lr = config.lr if config.lr is not None else method.DEFAULT_LR
+    optimizer = build_optimizer(module, lr, config.weight_decay)
+    lengths = [len(r.input_ids) for r in train]
+    steps_per_epoch = math.ceil(math.ceil(len(train) / config.batch_size) / config.grad_accum)
+    total_steps = steps_per_epoch * config.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(total_steps, config.warmup_ratio))
+    params = [p for p in module.parameters() if p.requires_grad]
+    frozen_depth = frozen_prefix_depth(task_model)
+    on_step = getattr(method, "on_train_step", None)
+    history: list[dict[str, float]] = []
+    best_state, best_score, best_epoch, best_val = None, -1.0, 0, {}
+    step = 0
+    for epoch in range(1, config.epochs + 1):
+        set_train_mode(task_model, frozen_depth)
+        batches = train_batches(lengths, config.batch_size, seed=config.seed * 1000 + epoch)
+        bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress,
+                   leave=False, unit="batch")
+        epoch_loss, seen, epoch_start = 0.0, 0, time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        for i, idx in enumerate(bar):
+            batch = collate([train[j] for j in idx], task_model.tokenizer.pad_token_id, device)
+            with autocast_for(device, config.precision):
+                loss = forward_batch(task_model, batch, cache).loss
+            (loss.float() / config.grad_accum).backward()
+            epoch_loss += loss.item() * len(idx)
+            seen += len(idx)
+            if (i + 1) % config.grad_accum == 0 or i + 1 == len(batches):
+                if config.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if on_step is not None:
+                    on_step(task_model, method_config, step, total_steps)
+            bar.set_postfix(loss=f"{epoch_loss / seen:.4f}",
+                            ex_s=f"{seen / (time.perf_counter() - epoch_start):.1f}")
+        val = evaluate(task_model, validation, config.eval_batch_size, config.precision, cache)
+        history.append({"epoch": epoch, "train_loss": epoch_loss / max(1, seen), **val})
+        if config.progress:
+            tqdm.write(f"epoch {epoch}: train loss {epoch_loss / max(1, seen):.4f}, "
+                       f"validation accuracy {val['accuracy']:.4f}, macro-F1 {val['macro_f1']:.4f}")
+        if val["accuracy"] > best_score:
+            best_score, best_epoch, best_val = val["accuracy"], epoch, val
+            best_state = {k: v.clone() for k, v in trainable_state(module).items()}
+    if best_state is not None:
+        module.load_state_dict(best_state, strict=False)
+    seconds = time.perf_counter() - start
+    return TrainResult(best_epoch=best_epoch, validation=best_val, history=history, train_seconds=seconds,
+                       train_examples_per_second=len(train) * config.epochs / seconds, cache=cache_info)

@@ -1,0 +1,104 @@
+"""data -> tokens -> backbone + delta -> train -> evaluate -> save: the path `train` and `compare` share."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deltatune.backbone import load_task_model, pick_device
+from deltatune.batching import encode
+from deltatune.config import TrainConfig
+from deltatune.data import TaskData
+from deltatune.delta import delta_size_bytes, save_delta
+from deltatune.evaluate import evaluate
+from deltatune.memory import PeakMemory
+from deltatune.methods import resolve_method
+from deltatune.methods.base import count_parameters
+from deltatune.train import seed_everything, train_model
+
+
+@dataclass
+class TrainJob:
+    """What to train: a method with options on a backbone, for a task."""
+
+    method: str
+    task: TaskData
+    model: str | None = None
+    pooling: str = "hf"
+    options: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def run_train_job(job: TrainJob, out: str | Path) -> dict[str, Any]:
+    """Train, test and save one delta; returns the metrics row written into delta.json."""
+    config = job.train.validate()
+    device = pick_device(config.device)
+    method, method_config = resolve_method(job.method, job.options)
+    seed_everything(config.seed)
+    task = job.task
+    pooling = method.pooling_for(job.pooling, _arch_of(job)) if hasattr(method, "pooling_for") else job.pooling
+    task_model = load_task_model(job.model, num_labels=len(task.label_names), pooling=pooling,
+                                 device=device, seed=config.seed)
+    method.apply(task_model, method_config)
+    trainable, total = count_parameters(task_model.module)
+    tok = task_model.tokenizer
+    train_rows = encode(tok, task.train, config.max_length, "train")
+    val_rows = encode(tok, task.validation, config.max_length, "validation")
+    test_rows = encode(tok, task.test, config.max_length, "test")
+    with PeakMemory() as memory:
+        result = train_model(task_model, method, method_config, train_rows, val_rows, config)
+    test = evaluate(task_model, test_rows, config.eval_batch_size, config.precision)
+    metrics = {
+        "method": job.method,
+        "accuracy": test["accuracy"],
+        "macro_f1": test["macro_f1"],
+        "validation_accuracy": result.validation.get("accuracy"),
+        "best_epoch": result.best_epoch,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_pct": 100.0 * trainable / total,
+        "peak_memory_mb": memory.peak_mb,
+        "training_memory_increase_mb": memory.increase_mb,
+        "cuda_peak_memory_mb": memory.cuda_peak_mb,
+        "train_seconds": result.train_seconds,
+        "train_examples_per_second": result.train_examples_per_second,
+        "inference_ms_per_example": test["inference_ms_per_example"],
+        "precision": config.precision,
+        "device": str(device),
+        "frozen_prefix_cache": result.cache,
+        "train_examples": len(train_rows),
+        "test_examples": len(test_rows),
+    }
+    meta = {
+        "task": {"name": task.name, "kind": task.kind, "label_names": task.label_names,
+                 "description": task.description,
+                 "text_pair": any(e.text_pair is not None for e in task.train)},
+        "train_config": config.to_dict(),
+        "metrics": metrics,
+        "history": result.history,
+        "head_names": task_model.head_names,
+    }
+    save_delta(out, task_model, method, method_config, meta)
+    metrics["delta_bytes"] = delta_size_bytes(out)
+    return metrics
+
+
+def _arch_of(job: TrainJob):
+    from transformers import AutoConfig
+
+    from deltatune.backbone import arch_for, resolve_model_path
+
+    return arch_for(AutoConfig.from_pretrained(resolve_model_path(job.model), local_files_only=True))
+
+
+def timestamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
