@@ -1,0 +1,97 @@
+"""Tiny random models saved as real Hugging Face folders (hidden 32, 2 layers, vocab 99), plus toy data.
+
+A word-level tokenizer over a fixed word list stands in for a real one, so the folders load through
+the same `from_pretrained` path as a real model, offline, in well under a second.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import torch
+
+POSITIVE = ["good", "great", "excellent", "fine", "lovely", "superb", "brilliant", "wonderful"]
+NEGATIVE = ["bad", "awful", "terrible", "poor", "dull", "boring", "weak", "horrible"]
+FILLER = ["the", "a", "movie", "film", "plot", "actor", "story", "was", "is", "very", "quite", "and",
+          "scene", "music", "ending", "cast", "script", "director", "with", "of", "to", "in", "it",
+          "this", "that", "really", "so", "too", "not", "but", "by", "for", "on", "an", "at", "as",
+          "sports", "game", "team", "match", "election", "vote", "minister", "market", "shares", "profit",
+          "phone", "software", "computer", "album", "band", "show", "player", "goal", "win", "lose",
+          "bank", "price", "tech", "online", "hello", "hi", "how", "are", "you", "what", "who", "yes", "no"]
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>"]
+WORDS = SPECIALS + POSITIVE + NEGATIVE + FILLER
+VOCAB_SIZE = 99
+
+
+def _tokenizer(kind: str):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    for i in range(len(vocab), VOCAB_SIZE):
+        vocab[f"w{i}"] = i
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if kind == "bert":
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                       cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                   bos_token="<s>", eos_token="</s>")
+
+
+def tiny_config(kind: str):
+    from transformers import BertConfig, GPT2Config, LlamaConfig
+
+    if kind == "bert":
+        return BertConfig(vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=37, max_position_embeddings=64, pad_token_id=0)
+    if kind == "llama":
+        return LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=37, max_position_embeddings=64,
+                           pad_token_id=0, bos_token_id=5, eos_token_id=6)
+    if kind == "gpt2":
+        return GPT2Config(vocab_size=VOCAB_SIZE, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                          pad_token_id=0, bos_token_id=5, eos_token_id=6)
+    raise ValueError(kind)
+
+
+def make_model_dir(root: Path, kind: str = "bert", seed: int = 0) -> str:
+    """Save a tiny random `kind` model + tokenizer as a HF folder under root; return its path."""
+    from transformers import AutoModel
+
+    folder = Path(root) / f"tiny-{kind}-{seed}"
+    if (folder / "config.json").exists():
+        return str(folder)
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(tiny_config(kind))
+    model.save_pretrained(folder)
+    _tokenizer(kind).save_pretrained(folder)
+    return str(folder)
+
+
+def toy_sentiment_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Separable toy reviews: one sentiment word among filler words."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 == 0 else "neg"
+        word = rng.choice(POSITIVE if label == "pos" else NEGATIVE)
+        filler = rng.sample(FILLER[:36], rng.randint(3, 8))
+        filler.insert(rng.randint(0, len(filler)), word)
+        rows.append((" ".join(filler), label))
+    return rows
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]], header=("text", "label")) -> str:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return str(path)
