@@ -55,6 +55,16 @@ class ArchSpec:
     final_norm: str | None = None
     """A norm after the last layer, if any (Llama's `norm`)."""
     is_decoder: bool = False
+    attn_end: str | None = None
+    """Per layer: the last module of the attention sublayer, whose output joins the residual
+    (BERT: the dropout before LayerNorm(x + residual)); a serial adapter follows it."""
+    ffn_end: str | None = None
+    """Per layer: the last module of the FFN sublayer, whose output joins the residual."""
+    attn_residual: str | None = None
+    """Post-norm only: the module called as (sublayer output, sublayer input) that adds the attention
+    residual and normalises (BERT's BertSelfOutput); None when `attention` receives the sublayer input."""
+    ffn_residual: str | None = None
+    """Post-norm only: the same for the FFN (BERT's BertOutput); None when `ffn` receives the FFN input."""
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -63,17 +73,20 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         word_embeddings="embeddings.word_embeddings",
         query="attention.self.query", key="attention.self.key", value="attention.self.value", qkv=None,
         attn_out="attention.output.dense", ffn_in=("intermediate.dense",), ffn_out="output.dense",
-        attention="attention", ffn="output"),
+        attention="attention", ffn="output", attn_end="attention.output.dropout", ffn_end="output.dropout",
+        attn_residual="attention.output", ffn_residual="output"),
     "llama": ArchSpec(
         family="llama", layers="layers", embeddings="embed_tokens", word_embeddings="embed_tokens",
         query="self_attn.q_proj", key="self_attn.k_proj", value="self_attn.v_proj", qkv=None,
         attn_out="self_attn.o_proj", ffn_in=("mlp.gate_proj", "mlp.up_proj"), ffn_out="mlp.down_proj",
-        attention="self_attn", ffn="mlp", final_norm="norm", is_decoder=True),
+        attention="self_attn", ffn="mlp", final_norm="norm", is_decoder=True,
+        attn_end="self_attn.o_proj", ffn_end="mlp.down_proj"),
     "gpt2": ArchSpec(
         family="gpt2", layers="h", embeddings="wte", word_embeddings="wte",
         query=None, key=None, value=None, qkv="attn.c_attn",
         attn_out="attn.c_proj", ffn_in=("mlp.c_fc",), ffn_out="mlp.c_proj",
-        attention="attn", ffn="mlp", final_norm="ln_f", is_decoder=True),
+        attention="attn", ffn="mlp", final_norm="ln_f", is_decoder=True,
+        attn_end="attn.resid_dropout", ffn_end="mlp.dropout"),
 }
 ARCHITECTURES["roberta"] = ARCHITECTURES["bert"]
 ARCHITECTURES["mistral"] = ARCHITECTURES["qwen2"] = ARCHITECTURES["llama"]
