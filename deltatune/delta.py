@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -99,14 +100,21 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise UserError(f"corrupt {file}: {str(exc).splitlines()[0]}") from exc
 
 
-def apply_delta(task_model: TaskModel, meta: dict, tensors: dict[str, torch.Tensor]) -> tuple[ModuleType, Any]:
-    """Check the fingerprint, apply the method, load its tensors (names and shapes must match)."""
+def apply_delta(task_model: TaskModel, meta: dict, tensors: dict[str, torch.Tensor],
+                before_load: Callable[[TaskModel, dict[str, torch.Tensor]], None] | None = None,
+                ) -> tuple[ModuleType, Any]:
+    """Check the fingerprint, apply the method, load its tensors (names and shapes must match).
+
+    `before_load(task_model, tensors)` runs between `apply` and loading (serve gives backbone weights
+    that a delta overwrites private copies there, so a shared backbone is never written to)."""
     if meta["backbone"]["fingerprint"] != task_model.fingerprint:
         raise UserError(
             f"delta was trained on a different backbone ({meta['backbone']['path']}, fingerprint "
             f"{meta['backbone']['fingerprint']}) than {task_model.model_path} (fingerprint {task_model.fingerprint})")
     method, config = resolve_method(meta["method"], meta.get("method_config", {}))
     method.apply(task_model, config)
+    if before_load is not None:
+        before_load(task_model, tensors)
     if hasattr(method, "load_delta_state"):
         method.load_delta_state(task_model, config, tensors)
         return method, config
