@@ -9,6 +9,7 @@ embeddings, the transformer layers, the attention projections, the FFN and the b
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -20,7 +21,8 @@ from torch import nn
 
 from deltatune.errors import UserError
 
-POOLINGS = ("hf", "mean", "cls", "last")
+POOLINGS = ("hf", "mean", "cls", "last", "lm")
+"""lm: no classifier; the model's own LM head (AutoModelForCausalLM / Seq2SeqLM) for generation tasks."""
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 
@@ -65,6 +67,12 @@ class ArchSpec:
     residual and normalises (BERT's BertSelfOutput); None when `attention` receives the sublayer input."""
     ffn_residual: str | None = None
     """Post-norm only: the same for the FFN (BERT's BertOutput); None when `ffn` receives the FFN input."""
+    decoder_layers: str | None = None
+    """Encoder-decoder models (T5): the decoder's ModuleList; `layers` and the roles are the encoder's."""
+    prefix_cacheable: bool = True
+    """False when the frozen-prefix cache cannot stand in for the bottom: the first layer's output is not
+    all the upper layers need (T5: block 0 computes the position bias the other blocks reuse), or the
+    hidden states are not one module's output (GPT-2 adds position embeddings to `wte`'s output)."""
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -86,10 +94,18 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         query=None, key=None, value=None, qkv="attn.c_attn",
         attn_out="attn.c_proj", ffn_in=("mlp.c_fc",), ffn_out="mlp.c_proj",
         attention="attn", ffn="mlp", final_norm="ln_f", is_decoder=True,
-        attn_end="attn.resid_dropout", ffn_end="mlp.dropout"),
+        attn_end="attn.resid_dropout", ffn_end="mlp.dropout", prefix_cacheable=False),
+    "t5": ArchSpec(
+        family="t5", layers="encoder.block", embeddings="encoder.embed_tokens", word_embeddings="shared",
+        query="layer.0.SelfAttention.q", key="layer.0.SelfAttention.k", value="layer.0.SelfAttention.v",
+        qkv=None, attn_out="layer.0.SelfAttention.o", ffn_in=("layer.1.DenseReluDense.wi",),
+        ffn_out="layer.1.DenseReluDense.wo", attention="layer.0.SelfAttention", ffn="layer.1.DenseReluDense",
+        final_norm="encoder.final_layer_norm", attn_end="layer.0.dropout", ffn_end="layer.1.dropout",
+        decoder_layers="decoder.block", prefix_cacheable=False),
 }
 ARCHITECTURES["roberta"] = ARCHITECTURES["bert"]
 ARCHITECTURES["mistral"] = ARCHITECTURES["qwen2"] = ARCHITECTURES["llama"]
+ARCHITECTURES["mt5"] = ARCHITECTURES["t5"]
 
 
 def arch_for(config) -> ArchSpec:
@@ -98,6 +114,8 @@ def arch_for(config) -> ArchSpec:
     if spec is None:
         raise UserError(f"unsupported architecture '{config.model_type}': deltatune knows "
                         f"{', '.join(sorted(ARCHITECTURES))}")
+    if spec.family == "t5" and getattr(config, "is_gated_act", False):  # T5 v1.1 / flan-t5: gated FFN
+        spec = dataclasses.replace(spec, ffn_in=("layer.1.DenseReluDense.wi_0", "layer.1.DenseReluDense.wi_1"))
     return spec
 
 
@@ -250,8 +268,16 @@ def load_tokenizer(model_path: str):
 
 def load_task_model(model: str | None, num_labels: int, pooling: str = "hf",
                     device: str | torch.device = "cpu", seed: int = 0) -> TaskModel:
-    """Load a classification model on a frozen backbone; every parameter starts frozen."""
-    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+    """Load a classification model (or, with pooling="lm", a language model) on a frozen backbone;
+    every parameter starts frozen."""
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoModelForSequenceClassification,
+        AutoModelForTextEncoding,
+    )
     from transformers.utils import logging as hf_logging
 
     if pooling not in POOLINGS:
@@ -271,8 +297,13 @@ def load_task_model(model: str | None, num_labels: int, pooling: str = "hf",
             config.pad_token_id = tokenizer.pad_token_id
             module, info = AutoModelForSequenceClassification.from_pretrained(
                 model_path, config=config, local_files_only=True, output_loading_info=True)
-        else:
-            backbone, info = AutoModel.from_pretrained(
+        elif pooling == "lm":
+            lm_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+            module, info = lm_class.from_pretrained(
+                model_path, config=config, local_files_only=True, output_loading_info=True)
+        else:  # encoder-decoder models are pooled over their encoder's states
+            bare_class = AutoModelForTextEncoding if config.is_encoder_decoder else AutoModel
+            backbone, info = bare_class.from_pretrained(
                 model_path, config=config, local_files_only=True, output_loading_info=True)
             module = PooledClassifier(backbone, num_labels, pooling)
     except (OSError, ValueError) as exc:
@@ -281,9 +312,13 @@ def load_task_model(model: str | None, num_labels: int, pooling: str = "hf",
     module.requires_grad_(False)
     module.eval()
     module.to(device)
+    if not arch.prefix_cacheable:
+        module.no_prefix_cache = True
     base_prefix = _base_prefix(module)
+    # the head: what lies outside the backbone, and anything newly initialised at load; an LM's own
+    # pretrained head (lm_head) stays frozen
     head_names = [n for n, _ in module.named_parameters()
-                  if not n.startswith(base_prefix) or n in missing]
+                  if n in missing or (pooling != "lm" and not n.startswith(base_prefix))]
     base_missing = {n[len(base_prefix):] for n in missing if n.startswith(base_prefix)}
     return TaskModel(module=module, tokenizer=tokenizer, arch=arch, model_path=model_path,
                      pooling=pooling, num_labels=num_labels,

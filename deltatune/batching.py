@@ -25,6 +25,8 @@ class Encoded:
     input_ids: list[int]
     token_type_ids: list[int] | None
     label: int | None
+    token_labels: list[int] | None = None
+    """Language-model rows: the target id of each token (-100: not scored, e.g. prompt tokens)."""
 
 
 def encode(tokenizer, examples: list[Example], max_length: int, split: str = "x") -> list[Encoded]:
@@ -79,5 +81,10 @@ def collate(rows: list[Encoded], pad_id: int, device: torch.device | str = "cpu"
         batch["token_type_ids"] = token_type_ids.to(device)
     if rows[0].label is not None:
         batch["labels"] = torch.tensor([r.label for r in rows], dtype=torch.long, device=device)
+    if rows[0].token_labels is not None:  # padded to their own longest row (seq2seq targets differ)
+        labels = torch.full((len(rows), max(len(r.token_labels) for r in rows)), -100, dtype=torch.long)
+        for i, row in enumerate(rows):
+            labels[i, :len(row.token_labels)] = torch.tensor(row.token_labels)
+        batch["labels"] = labels.to(device)
     batch["keys"] = [r.key for r in rows]
     return batch

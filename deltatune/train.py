@@ -113,6 +113,22 @@ def train_model(task_model: TaskModel, method: ModuleType, method_config: Any, t
                           cache_info)
 
 
+def validate(task_model: TaskModel, rows: list[Encoded], config: TrainConfig,
+             cache: FrozenPrefixCache | None = None) -> dict[str, float]:
+    """Accuracy and macro-F1 for a classifier; loss and perplexity on the answer tokens for an LM."""
+    if task_model.pooling == "lm":
+        from deltatune.generation import evaluate_lm
+
+        return evaluate_lm(task_model, rows, config.eval_batch_size, config.precision, cache)
+    return evaluate(task_model, rows, config.eval_batch_size, config.precision, cache)
+
+
+def describe(metrics: dict[str, float]) -> str:
+    if "accuracy" in metrics:
+        return f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}"
+    return f"loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f}"
+
+
 def _gradient_loop(task_model, method, method_config, train, validation, config, cache, start, cache_info):
     module, device = task_model.module, task_model.device()
     lr = config.lr if config.lr is not None else method.DEFAULT_LR
@@ -124,8 +140,9 @@ def _gradient_loop(task_model, method, method_config, train, validation, config,
     params = [p for p in module.parameters() if p.requires_grad]
     frozen_depth = frozen_prefix_depth(task_model)
     on_step = getattr(method, "on_train_step", None)
+    extra_loss = getattr(method, "extra_loss", None)  # a method's regulariser (AdaLoRA: orthogonality)
     history: list[dict[str, float]] = []
-    best_state, best_score, best_epoch, best_val = None, -1.0, 0, {}
+    best_state, best_score, best_epoch, best_val = None, float("-inf"), 0, {}
     step = 0
     for epoch in range(1, config.epochs + 1):
         set_train_mode(task_model, frozen_depth)
@@ -138,7 +155,8 @@ def _gradient_loop(task_model, method, method_config, train, validation, config,
             batch = collate([train[j] for j in idx], task_model.tokenizer.pad_token_id, device)
             with autocast_for(device, config.precision):
                 loss = forward_batch(task_model, batch, cache).loss
-            (loss.float() / config.grad_accum).backward()
+                total = loss if extra_loss is None else loss + extra_loss(task_model, method_config)
+            (total.float() / config.grad_accum).backward()
             epoch_loss += loss.item() * len(idx)
             seen += len(idx)
             if (i + 1) % config.grad_accum == 0 or i + 1 == len(batches):
@@ -146,19 +164,19 @@ def _gradient_loop(task_model, method, method_config, train, validation, config,
                     torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 step += 1
-                if on_step is not None:
+                if on_step is not None:  # before zero_grad: the gradients are still there (AdaLoRA uses them)
                     on_step(task_model, method_config, step, total_steps)
+                optimizer.zero_grad(set_to_none=True)
             bar.set_postfix(loss=f"{epoch_loss / seen:.4f}",
                             ex_s=f"{seen / (time.perf_counter() - epoch_start):.1f}")
-        val = evaluate(task_model, validation, config.eval_batch_size, config.precision, cache)
+        val = validate(task_model, validation, config, cache)
         history.append({"epoch": epoch, "train_loss": epoch_loss / max(1, seen), **val})
         if config.progress:
-            tqdm.write(f"epoch {epoch}: train loss {epoch_loss / max(1, seen):.4f}, "
-                       f"validation accuracy {val['accuracy']:.4f}, macro-F1 {val['macro_f1']:.4f}")
-        if val["accuracy"] > best_score:
-            best_score, best_epoch, best_val = val["accuracy"], epoch, val
+            tqdm.write(f"epoch {epoch}: train loss {epoch_loss / max(1, seen):.4f}, validation {describe(val)}")
+        score = val["accuracy"] if "accuracy" in val else -val["loss"]  # LM tasks: the lowest loss wins
+        if score > best_score:
+            best_score, best_epoch, best_val = score, epoch, val
             best_state = {k: v.clone() for k, v in trainable_state(module).items()}
     if best_state is not None:
         module.load_state_dict(best_state, strict=False)
