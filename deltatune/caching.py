@@ -56,7 +56,7 @@ class FrozenPrefixCache:
                  spill_dir: str | None = None):
         self.task_model = task_model
         self.depth = depth
-        self.max_memory_bytes = int(max_memory_mb * 2**20)
+        self.max_memory_bytes = max_memory_mb * 2**20
         self.memory: dict[str, torch.Tensor] = {}
         self.memory_bytes = 0
         self.spill_dir = spill_dir
