@@ -17,6 +17,8 @@ COMMANDS: dict[str, str] = {
     "eval": "deltatune.commands:evaluate",
     "predict": "deltatune.commands:predict",
     "export": "deltatune.commands:export",
+    "import": "deltatune.commands_lm:import_peft",
+    "generate": "deltatune.commands_lm:generate",
     "compare": "deltatune.compare:compare",
     "estimate": "deltatune.estimate.cli:estimate",
 }

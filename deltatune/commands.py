@@ -71,16 +71,16 @@ def train(*, method: str = "lora", out: str, data: TaskArgs, training: TrainConf
     options = parse_options(set_)
     if unfreeze_last is not None:
         options["unfreeze_last"] = unfreeze_last
-    task = data.load(training.seed)
-    if task.kind != "classification":
-        raise UserError(f"task '{task.name}' is a {task.kind} task; `train` handles classification")
+    task = data.load(training.seed)  # generation tasks (chatterbot) train an LM on the answer tokens
     print(task.summary(), file=sys.stderr)
     metrics = run_train_job(TrainJob(method=method, task=task, model=model, pooling=pooling,
                                      options=options, train=training), out)
+    quality = (f"test loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f}" if "loss" in metrics
+               else f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")
     if json_:
         print(json.dumps(metrics, indent=2))
     else:
-        print(f"{method}: test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+        print(f"{method}: {quality}, "
               f"{metrics['trainable_params']:,} trainable parameters ({metrics['trainable_pct']:.3f}%), "
               f"{metrics['train_seconds']:.1f} s; delta written to {out} ({metrics['delta_bytes']:,} bytes)")
     return 0

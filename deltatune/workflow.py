@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +13,14 @@ import torch
 from deltatune.backbone import load_task_model, pick_device
 from deltatune.batching import encode
 from deltatune.config import TrainConfig
-from deltatune.data import TaskData
+from deltatune.data import GENERATION, TaskData
 from deltatune.delta import delta_size_bytes, save_delta
-from deltatune.evaluate import evaluate
+from deltatune.errors import UserError
+from deltatune.generation import encode_lm, is_seq2seq
 from deltatune.memory import PeakMemory
 from deltatune.methods import resolve_method
 from deltatune.methods.base import count_parameters
-from deltatune.train import seed_everything, train_model
+from deltatune.train import seed_everything, train_model, validate
 
 
 @dataclass
@@ -40,23 +42,30 @@ def run_train_job(job: TrainJob, out: str | Path) -> dict[str, Any]:
     method, method_config = resolve_method(job.method, job.options)
     seed_everything(config.seed)
     task = job.task
-    pooling = method.pooling_for(job.pooling, _arch_of(job)) if hasattr(method, "pooling_for") else job.pooling
+    lm = task.kind == GENERATION  # generation: the model's own LM head, loss on the answer tokens
+    if lm and hasattr(method, "fit"):
+        raise UserError(f"method '{job.method}' fits a classifier on features; it cannot learn a generation task")
+    if lm:
+        pooling = "lm"
+    else:
+        pooling = method.pooling_for(job.pooling, _arch_of(job)) if hasattr(method, "pooling_for") else job.pooling
     task_model = load_task_model(job.model, num_labels=len(task.label_names), pooling=pooling,
                                  device=device, seed=config.seed)
     method.apply(task_model, method_config)
     trainable, total = count_parameters(task_model.module)
     tok = task_model.tokenizer
-    train_rows = encode(tok, task.train, config.max_length, "train")
-    val_rows = encode(tok, task.validation, config.max_length, "validation")
-    test_rows = encode(tok, task.test, config.max_length, "test")
+    rows_of = partial(encode_lm, seq2seq=is_seq2seq(task_model)) if lm else encode
+    train_rows = rows_of(tok, task.train, config.max_length, "train")
+    val_rows = rows_of(tok, task.validation, config.max_length, "validation")
+    test_rows = rows_of(tok, task.test, config.max_length, "test")
     with PeakMemory() as memory:
         result = train_model(task_model, method, method_config, train_rows, val_rows, config)
-    test = evaluate(task_model, test_rows, config.eval_batch_size, config.precision)
+    test = validate(task_model, test_rows, config)
+    quality = ("loss", "perplexity") if lm else ("accuracy", "macro_f1")
     metrics = {
         "method": job.method,
-        "accuracy": test["accuracy"],
-        "macro_f1": test["macro_f1"],
-        "validation_accuracy": result.validation.get("accuracy"),
+        **{k: test[k] for k in quality},
+        f"validation_{quality[0]}": result.validation.get(quality[0]),
         "best_epoch": result.best_epoch,
         "trainable_params": trainable,
         "total_params": total,

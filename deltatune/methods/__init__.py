@@ -6,7 +6,7 @@ from types import ModuleType
 from typing import Any
 
 from deltatune.errors import UserError
-from deltatune.methods import bitfit, features, full, head, lora
+from deltatune.methods import adalora, bitfit, features, full, head, lora
 from deltatune.methods.base import build_config
 
 REGISTRY: dict[str, ModuleType] = {
@@ -14,6 +14,7 @@ REGISTRY: dict[str, ModuleType] = {
     "head": head,
     "full": full,
     "lora": lora,
+    "adalora": adalora,
     "bitfit": bitfit,
 }
 

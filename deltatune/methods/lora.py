@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from deltatune.backbone import TaskModel
+from deltatune.errors import UserError
 from deltatune.methods.base import linear_dims, replace_module, resolve_targets, train_head
 
 NAME = "lora"
@@ -113,3 +114,20 @@ def to_peft(config: Config, tensors: dict[str, torch.Tensor]) -> tuple[dict, dic
     fields = {"r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
               "target_modules": targets, "bias": config.bias}
     return fields, peft_tensors
+
+
+def from_peft(adapter_config: dict, tensors: dict[str, torch.Tensor]) -> tuple[Config, dict[str, torch.Tensor]]:
+    """The inverse of to_peft: a peft LoRA adapter (names without `base_model.model.`) as a LoRA delta."""
+    unsupported = [k for k in ("use_dora", "lora_bias", "rank_pattern", "alpha_pattern") if adapter_config.get(k)]
+    if unsupported or any("lora_embedding" in k or "lora_magnitude" in k for k in tensors):
+        raise UserError(f"peft LoRA with {', '.join(unsupported) or 'embedding/DoRA weights'} is not supported "
+                        "(one rank and one alpha for every Linear/Conv1D layer)")
+    r, alpha = int(adapter_config["r"]), float(adapter_config["lora_alpha"])
+    if adapter_config.get("use_rslora"):  # rsLoRA scales by alpha/sqrt(r): the same as alpha·sqrt(r) / r
+        alpha *= math.sqrt(r)
+    targets = sorted({k.split(".lora_A.")[0] for k in tensors if ".lora_A." in k})
+    ours = {k.replace(".lora_A.", f".lora_A.{ADAPTER}.").replace(".lora_B.", f".lora_B.{ADAPTER}."): v
+            for k, v in tensors.items()}
+    config = Config(r=r, alpha=alpha, dropout=float(adapter_config.get("lora_dropout", 0.0)),
+                    target_modules=tuple(targets), bias=adapter_config.get("bias", "none"))
+    return config, ours

@@ -1,0 +1,65 @@
+"""generate, import: one function per command; each signature is that command's flags."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from deltatune.errors import UserError
+
+
+def generate(delta: str, prompts: list[str] = (), *, max_new_tokens: int = 64, sample: bool = False,
+             temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, model: str | None = None,
+             device: str = "auto", json_: bool = False) -> int:
+    """Reply to prompts with a generation delta applied (greedy decoding unless --sample).
+
+    Args:
+        delta: Delta directory written by `deltatune train` on a generation task (e.g. chatterbot).
+        prompts: Prompts; none given: read standard input, one prompt per line.
+        max_new_tokens: Most tokens generated per reply.
+        sample: Sample with --temperature and --top-p instead of greedy decoding.
+        temperature: Sampling temperature (with --sample).
+        top_p: Nucleus sampling mass (with --sample).
+        seed: Random seed for sampling.
+        model: Backbone folder, if not the one recorded in the delta.
+        device: auto, cpu or cuda.
+        json_: Print a JSON list of {prompt, reply}.
+    """
+    from deltatune.backbone import pick_device
+    from deltatune.delta import load_delta, read_meta
+    from deltatune.generation import generate_texts
+
+    meta = read_meta(delta)
+    if meta["backbone"].get("pooling") != "lm":
+        raise UserError(f"{delta} is a classification delta ({meta['task']['name']}): use `deltatune predict`")
+    prompts = list(prompts) or [line for line in sys.stdin.read().splitlines() if line.strip()]
+    if not prompts:
+        raise UserError("no prompt: give prompts as arguments or lines on standard input")
+    loaded = load_delta(delta, model=model, device=pick_device(device))
+    replies = generate_texts(loaded.task_model, prompts, max_new_tokens=max_new_tokens, sample=sample,
+                             temperature=temperature, top_p=top_p, seed=seed)
+    if json_:
+        print(json.dumps([{"prompt": p, "reply": r} for p, r in zip(prompts, replies)], indent=2,
+                         ensure_ascii=False))
+    else:
+        for reply in replies:
+            print(reply)
+    return 0
+
+
+def import_peft(peft_dir: str, out: str, *, model: str | None = None, labels: str | None = None) -> int:
+    """Import a peft adapter directory (adapter_config.json + adapter_model.safetensors) as a delta.
+
+    Args:
+        peft_dir: Directory written by peft's save_pretrained (LoRA, AdaLoRA, and the peft types of
+            other methods that can read them).
+        out: Output delta directory (replaced atomically).
+        model: Backbone folder or alias, if not the adapter's base_model_name_or_path.
+        labels: Comma-separated label names for a classifier, when the peft directory has no
+            config.json with id2label (default: label_0..K-1).
+    """
+    from deltatune.peft_format import import_peft as run_import
+
+    run_import(peft_dir, out, model=model, labels=labels)
+    print(f"wrote {out} (delta imported from {peft_dir})")
+    return 0
