@@ -259,9 +259,9 @@ def count_trainable(shapes: ModelShapes, plan: MethodPlan, generation: bool, num
     if plan.outside_biases:
         backbone += shapes.outside_layer_bias_params()
     if plan.head:
-        # Generation: full already counted a tied LM head with the embeddings.
-        tied_and_counted = generation and (shapes.tied_embeddings and plan.embeddings)
-        backbone += 0 if tied_and_counted else head_params(shapes, generation, num_labels)
+        lm_head = generation and plan.backprop               # features always fits a classifier
+        tied_and_counted = lm_head and shapes.tied_embeddings and plan.embeddings  # full counted it already
+        backbone += 0 if tied_and_counted else head_params(shapes, lm_head, num_labels)
     h, n, e = shapes.hidden, plan.prompt_tokens, plan.prompt_encoder_hidden
     delta += n * h                                        # the soft prompt embeddings
     if e:

@@ -197,8 +197,9 @@ def bottleneck_adapter(tape: Tape, x: Act, name: str, bottleneck: int, run: RunS
 def projection(tape: Tape, x: Act, role: str, shapes: ModelShapes, layer: LayerDelta, run: RunSettings) -> Act:
     """One of the layer's matrices with what the method attaches: IA3 scales, LoRA on the side."""
     linear = shapes.layer_linears()[role]
-    if layer.ia3 and role in IA3_INPUT_SCALED[shapes.family]:
-        x = tape.scale(x, f"{role}.ia3_scaled_input", vector_trains=True)
+    if layer.ia3 and role in IA3_INPUT_SCALED[shapes.family]:  # peft casts x to l's dtype, scales, casts back
+        scaled = tape.scale(delta_input(x, f"{role}.ia3", run), f"{role}.ia3_scaled_input", vector_trains=True)
+        x = scaled.derived(scaled.name, itemsize=x.itemsize)
     y = tape.linear(x, role, linear.out_features, weight_trains=layer.all_weights,
                     bias_trains=linear.has_bias and (layer.all_weights or layer.biases))
     if role in layer.lora_targets:
@@ -213,36 +214,37 @@ def attention_block(tape: Tape, x: Act, shapes: ModelShapes, layer: LayerDelta, 
     b, tokens, a = run.batch_size, x.rows, x.itemsize
     seq = tokens / b
     key_len = seq + layer.prefix_tokens                      # prefix tuning lengthens only the keys
-    if shapes.family == "gpt2":                              # one fused c_attn; q, k, v are views of it
-        q = k = v = projection(tape, x, "qkv", shapes, layer, run)
-        kv_width = shapes.hidden
+    if shapes.family == "gpt2":                              # one fused c_attn, split into q, k, v views that
+        qkv = projection(tape, x, "qkv", shapes, layer, run)  # the matmuls copy (transposed heads), h wide each
+        q, k, v = (qkv.derived(name, width=shapes.hidden) for name in ("q", "k", "v"))
     else:
         q, k, v = (projection(tape, x, role, shapes, layer, run) for role in ("q", "k", "v"))
-        kv_width = shapes.kv_dim
     if shapes.family == "llama":                             # RoPE: q·cos + rot(q)·sin keeps only cos, sin
         q, k = q.derived("q_rope"), k.derived("k_rope")
     if layer.prefix_tokens:                                  # cat(prefix, k): trainable keys and values
-        k = Act("k_with_prefix", b * key_len, kv_width, a, True)
-        v = Act("v_with_prefix", b * key_len, kv_width, a, True)
+        k = Act("k_with_prefix", b * key_len, k.width, a, True)
+        v = Act("v_with_prefix", b * key_len, v.width, a, True)
     score_rows = b * shapes.heads * seq
-    implementation = run.attention
-    if implementation == "sdpa" and run.device == "cpu" and shapes.attention_dropout > 0:
-        implementation = "eager"                             # CPU's fused kernel has no dropout: math path
-    if implementation == "sdpa":                             # GQA handled inside the kernel, no repeat
-        ctx = Act("ctx", tokens, shapes.q_dim, a, False)
-        logsumexp = Act("attention.logsumexp", score_rows, 1, 4, False)
-        ctx = tape.fused_attention(q, k, v, ctx, logsumexp)
+    math_fallback = run.attention == "sdpa" and run.device == "cpu" and shapes.attention_dropout > 0
+    if run.attention == "sdpa" and not math_fallback:
+        if layer.prefix_tokens:                              # peft passes a mask: kv repeated, mask kept
+            k, v = k.derived("k_repeated", width=shapes.q_dim), v.derived("v_repeated", width=shapes.q_dim)
+            tape.keep(Act("attention_mask", b * seq, key_len, a, False))
+        ctx = Act("ctx", tokens, shapes.q_dim, a, False)     # the kernel's output is o_proj's input
+        ctx = tape.fused_attention(q, k, v, ctx, Act("attention.logsumexp", score_rows, 1, 4, False))
     else:
+        if math_fallback and a != 4:                         # CPU math path with dropout runs in fp32
+            q, k, v = (t.derived(f"{t.name}.fp32", itemsize=4) for t in (q, k, v))
         if shapes.heads != shapes.kv_heads:                  # repeat_kv materializes heads/kv_heads copies
-            k = k.derived("k_repeated", width=shapes.q_dim)
-            v = v.derived("v_repeated", width=shapes.q_dim)
+            k, v = k.derived("k_repeated", width=shapes.q_dim), v.derived("v_repeated", width=shapes.q_dim)
         scores = tape.product(q, k, "scores", score_rows, key_len)   # (q·kᵀ)·scale + mask keeps nothing more
-        softmax_bytes = 4 if shapes.family == "llama" else a          # Llama: softmax(dtype=float32)
+        softmax_bytes = 4 if shapes.family == "llama" else q.itemsize  # Llama: softmax(dtype=float32)
         probs = tape.softmax(scores, "probs", softmax_bytes)
-        if probs.itemsize != a:
-            probs = probs.derived("probs_cast", itemsize=a)
+        if probs.itemsize != q.itemsize:
+            probs = probs.derived("probs_cast", itemsize=q.itemsize)
         probs = tape.dropout(probs, shapes.attention_dropout)
-        ctx = tape.product(probs, v, "ctx", tokens, shapes.q_dim)    # heads merged by a contiguous copy
+        ctx = tape.product(probs, v, "ctx_heads", tokens, shapes.q_dim)
+        ctx = ctx.derived("ctx", itemsize=a)                 # heads merged by a contiguous copy
     return projection(tape, ctx, "o", shapes, layer, run)
 
 
@@ -308,7 +310,10 @@ class ActivationReport:
 def embeddings_forward(tape: Tape, shapes: ModelShapes, plan: MethodPlan, run: RunSettings, seq: int) -> Act:
     """Token (+ position, type) embeddings, with soft prompt tokens prepended: the input of layer 0."""
     b, h, a = run.batch_size, shapes.hidden, run.activation_bytes
-    if plan.embeddings:                                      # embedding backward keeps the int64 indices
+    # A trained LM head tied to the embeddings trains the input lookup too: gradients then flow through
+    # every (frozen) layer, so `head` on GPT-2 or SmolLM2 keeps nearly as much as prompt tuning.
+    embeddings_train = plan.embeddings or (run.generation and shapes.tied_embeddings and plan.head)
+    if embeddings_train:                                     # embedding backward keeps the int64 indices
         lookups = 2 if shapes.family == "bert" else 1       # word (+ token-type) ids; positions are tiny
         tape.keep(Act("input_ids", b * run.seq_len * lookups, 1, 8, False))
     if plan.prompt_encoder_hidden:                           # p-tuning MLP h→e→e→h on the n soft tokens
@@ -317,7 +322,7 @@ def embeddings_forward(tape: Tape, shapes: ModelShapes, plan: MethodPlan, run: R
         hidden = tape.activation(tape.linear(prompt, "prompt_mlp1", e, weight_trains=True), "relu")
         hidden = tape.activation(tape.linear(hidden, "prompt_mlp2", e, weight_trains=True), "relu")
         tape.linear(hidden, "prompt_mlp3", h, weight_trains=True)
-    x = Act("embeddings", b * seq, h, a, plan.embeddings or plan.prompt_tokens > 0)
+    x = Act("embeddings", b * seq, h, a, embeddings_train or plan.prompt_tokens > 0)
     if shapes.family == "bert":
         x = tape.layer_norm(x, "embeddings_norm", plan.embeddings or plan.outside_biases)
     return tape.dropout(x, shapes.hidden_dropout)

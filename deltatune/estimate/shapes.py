@@ -180,6 +180,10 @@ KNOWN_MODELS: dict[str, ModelShapes] = {
 }
 
 
+KNOWN_ALIASES = {"minilm": "all-minilm-l6-v2", "smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m"}
+"""The backbone loader's short names (deltatune.backbone.MODEL_ALIASES) and the instruct variant."""
+
+
 def shapes_from_config(config: dict, name: str) -> ModelShapes:
     """Read a Hugging Face config.json dict (BERT, Llama/Mistral/Qwen2 or GPT-2 style)."""
     model_type = str(config.get("model_type", ""))
@@ -222,6 +226,7 @@ def load_shapes(model: str) -> ModelShapes:
     config_path = path / "config.json" if path.is_dir() else path
     if not config_path.is_file():
         key = model.strip().lower().rsplit("/", 1)[-1].removesuffix("-hf")
+        key = KNOWN_ALIASES.get(key, key)
         if key in KNOWN_MODELS:
             return KNOWN_MODELS[key]
         known = ", ".join(KNOWN_MODELS)
