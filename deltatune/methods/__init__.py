@@ -6,7 +6,19 @@ from types import ModuleType
 from typing import Any
 
 from deltatune.errors import UserError
-from deltatune.methods import adalora, bitfit, features, full, head, lora
+from deltatune.methods import (
+    adalora,
+    adapter,
+    bitfit,
+    features,
+    full,
+    head,
+    ia3,
+    lora,
+    prefix,
+    prompt,
+    ptuning,
+)
 from deltatune.methods.base import build_config
 
 REGISTRY: dict[str, ModuleType] = {
@@ -16,6 +28,11 @@ REGISTRY: dict[str, ModuleType] = {
     "lora": lora,
     "adalora": adalora,
     "bitfit": bitfit,
+    "adapter": adapter,
+    "ia3": ia3,
+    "prompt": prompt,
+    "prefix": prefix,
+    "ptuning": ptuning,
 }
 
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
