@@ -1,0 +1,343 @@
+"""Per-row deltas: one pass of the frozen backbone in which every row carries its own task's delta.
+
+The engine keeps a *mixed* copy of the backbone's module tree (sharing every weight) and puts a row
+router wherever a served task's method acts. Before a batch runs, each router is told which task each
+row belongs to and gathers that task's tensors per row; rows whose task has nothing there pass through.
+
+    row tasks    [sentiment, q&a, sentiment, translate]                            B = 4
+    LoRA         h = W0 x + s_b · (x A_bᵀ) B_bᵀ       A_b, B_b gathered per row, zero-padded ranks,
+                                                     batched matmuls (Punica / S-LoRA)
+    AdaLoRA      the same with A_b = λ_b ⊙ Q_b
+    IA³          k' = l_b ⊙ W_k x  (or W_2 (l_b ⊙ x))  l_b gathered per row (ones: no IA³ here)
+    adapters     y + s_b · Up_b f(Down_b y)           per-row bottleneck weights, zero-padded
+    soft tokens  [x_<at ; P_b ; x_≥at ; pad]          inputs_embeds, each row right-padded, mask
+    (prompt, P-tuning)                               marks its n_b + T_b positions
+    prefixes     K = [pad ; P_K,b ; W_K h]            one cache of n_max slots, a row's own n_b unmasked,
+    (prefix, MAM)                                    position ids n_b + t as if the row ran alone
+
+ROUTING says, per method, which modules it adds (by class name), which hook objects it installs and
+which per-row input it needs. A task shares the pass only when everything its delta changed is
+explained that way (`unexplained`); otherwise (BitFit biases, unfrozen layers, full fine-tuning, a
+method without a router) it runs alone, as its own group.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deltatune.methods.adapter import ACTIVATIONS, AdapterLayer, bottleneck_update
+from deltatune.methods.ia3 import rescale
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What one method changes, in terms the engine can route per row."""
+
+    sites: tuple[str, ...] = ()
+    """Class names of the modules the method puts inside the backbone (each gets a row router)."""
+    inputs: str | None = None
+    """'soft_tokens' or 'prefix': a per-row input the engine builds before the pass."""
+    hooks: tuple[str, ...] = ()
+    """Attributes of the task model holding the hook objects the method installs (explained by `inputs`)."""
+    top_modules: tuple[str, ...] = ()
+    """Children the method adds to the task model outside the backbone (its prompt encoder)."""
+
+
+SOFT_TOKENS = Routing(inputs="soft_tokens", hooks=("prompt_hooks",), top_modules=("prompt_encoder",))
+PREFIX = Routing(inputs="prefix", hooks=("prefix_hooks",), top_modules=("prompt_encoder",))
+ROUTING: dict[str, Routing] = {
+    "features": Routing(),
+    "head": Routing(),  # with unfreeze_last > 0 its layers are private copies: `unexplained` says so
+    "lora": Routing(sites=("LoRALinear",)),
+    "adalora": Routing(sites=("SVDLinear",)),
+    "ia3": Routing(sites=("IA3Linear",)),
+    "adapter": Routing(sites=("AdapterLayer",)),
+    "prompt": SOFT_TOKENS,
+    "ptuning": SOFT_TOKENS,
+    "prefix": PREFIX,
+    "mam": Routing(sites=("AdapterLayer",), inputs="prefix", hooks=PREFIX.hooks, top_modules=PREFIX.top_modules),
+}
+"""Method name -> what its row router handles. bitfit and full are absent: they change shared weights."""
+
+
+def structural_clone(module: nn.Module) -> nn.Module:
+    """A copy of the module tree whose parameters and buffers are the original's (no weight is copied)."""
+    memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return copy.deepcopy(module, memo)
+
+
+def under(path: str, roots: set[str]) -> bool:
+    return any(path == r or path.startswith(r + ".") for r in roots)
+
+
+def find_sites(clone: nn.Module, routing: Routing) -> dict[str, nn.Module]:
+    """The method's modules inside the (cloned) backbone, by path; nested sites count once."""
+    sites: dict[str, nn.Module] = {}
+    for path, module in clone.named_modules():
+        if type(module).__name__ in routing.sites and not under(path, set(sites)):
+            sites[path] = module
+    return sites
+
+
+def _hook_owners(module: nn.Module) -> list[Any]:
+    hooks = itertools.chain(module._forward_pre_hooks.values(), module._forward_hooks.values(),
+                            module._backward_hooks.values())
+    owners = [getattr(h, "__self__", h) for h in hooks]
+    return owners + (["forward override"] if "forward" in module.__dict__ else [])
+
+
+def unexplained(top: nn.Module, base_name: str, backbone: nn.Module, routing: Routing | None,
+                vanilla_children: set[str]) -> str | None:
+    """Why a task cannot share the mixed pass (a change its routing does not cover), or None."""
+    clone = top.get_submodule(base_name)
+    shared = {id(t) for t in itertools.chain(backbone.parameters(), backbone.buffers())}
+    own = {id(t) for t in itertools.chain(clone.parameters(), clone.buffers())}
+    if not shared <= own:
+        return "its delta changes backbone weights"
+    if routing is None:
+        return "no row router for this method"
+    sites = set(find_sites(clone, routing))
+    for path, tensor in itertools.chain(clone.named_parameters(), clone.named_buffers()):
+        if id(tensor) not in shared and not under(path.rpartition(".")[0], sites):
+            return f"its delta adds '{path}', which no row router applies"
+    types = {path: type(m) for path, m in backbone.named_modules()}
+    for path, module in clone.named_modules():
+        if not under(path, sites) and types.get(path) is not type(module):
+            return f"its method changes module '{path or base_name}'"
+    allowed = [getattr(top, name) for name in routing.hooks if getattr(top, name, None) is not None]
+    for module in [top, *clone.modules()]:
+        if any(owner not in allowed for owner in _hook_owners(module)):
+            return "its method hooks the backbone in a way no row router applies"
+    extra = set(top._modules) - vanilla_children - set(routing.top_modules)
+    if extra:
+        return f"its method adds '{sorted(extra)[0]}' to the model"
+    return None
+
+
+# ---- per-row tables ------------------------------------------------------------------------------------
+
+def gather_rows(tensors: list[torch.Tensor], rows: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """(B, *shape): row b gets tensors[rows[b] - 1], zero-padded to the largest shape; rows[b] = 0: fill."""
+    shape = [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())]
+    table = tensors[0].new_full((len(tensors) + 1, *shape), fill)
+    for i, t in enumerate(tensors, 1):
+        table[(i, *(slice(0, s) for s in t.shape))] = t
+    return table[rows]
+
+
+class RowRouter(nn.Module):
+    """A module of the mixed tree plus, per task, that task's delta tensors at this place."""
+
+    def __init__(self, inner: nn.Module, key: str):
+        super().__init__()
+        self.inner = inner
+        self.key = key
+        self.entries: dict[str, Any] = {}
+        self.active = False
+        self.single: Any = None  # every row has the same task here: its unbatched payload
+        self.rows: Any = None  # per-row tensors for this batch
+
+    def add(self, task: str, site: nn.Module) -> None:
+        self.entries[task] = self.payload(site)
+
+    def remove(self, task: str) -> None:
+        self.entries.pop(task, None)
+
+    def begin(self, row_tasks: list[str]) -> None:
+        """Prepare a batch whose row b belongs to task row_tasks[b]."""
+        present = [t for t in dict.fromkeys(row_tasks) if t in self.entries]
+        self.active = bool(present)
+        if not present:
+            return
+        if len(present) == 1 and len(set(row_tasks)) == 1:
+            self.single = self.entries[present[0]]
+            return
+        index = {t: i for i, t in enumerate(present, 1)}  # 0: rows without a delta here
+        device = next(iter(self.inner.parameters()), torch.empty(0)).device
+        rows = torch.tensor([index.get(t, 0) for t in row_tasks], device=device)
+        self.rows = self.gather([self.entries[t] for t in present], rows)
+
+    def end(self) -> None:
+        self.active, self.single, self.rows = False, None, None
+
+    def payload(self, site: nn.Module) -> Any:
+        raise NotImplementedError
+
+    def gather(self, payloads: list[Any], rows: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+
+class LoRARouter(RowRouter):
+    """h = W0 x + s_b (x A_bᵀ) B_bᵀ per row (LoRA; AdaLoRA with A = λ ⊙ Q)."""
+
+    def payload(self, site: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
+        name = site.active_adapter
+        if type(site).__name__ == "SVDLinear":  # AdaLoRA: P Λ Q, dropped triplets masked
+            a = site.lora_A[name] * (site.lora_E[name] * site.rank_mask(name))  # (r, k)
+            return a.detach(), site.lora_B[name].detach(), site.scaling[name]
+        return site.lora_A[name].weight.detach(), site.lora_B[name].weight.detach(), site.scaling[name]
+
+    def gather(self, payloads, rows):
+        a = gather_rows([p[0] for p in payloads], rows)  # (B, r_max, k)
+        b = gather_rows([p[1] for p in payloads], rows)  # (B, d, r_max)
+        scale = gather_rows([a.new_tensor([p[2]]) for p in payloads], rows)  # (B, 1)
+        return a, b, scale.unsqueeze(-1)  # scale (B, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        if not self.active:
+            return out
+        if self.single is not None:
+            a, b, scale = self.single
+            return out + (F.linear(F.linear(x.to(a.dtype), a), b) * scale).to(out.dtype)
+        a, b, scale = self.rows
+        update = (x.to(a.dtype) @ a.transpose(1, 2)) @ b.transpose(1, 2)  # (B, T, r) -> (B, T, d)
+        return out + (update * scale).to(out.dtype)
+
+
+class IA3Router(RowRouter):
+    """Rescale a projection's output (key 'ia3:out') or input ('ia3:in') by the row's vector."""
+
+    def payload(self, site: nn.Module) -> torch.Tensor:
+        vector = site.ia3_l[site.active_adapter].detach().flatten()
+        if site.is_feedforward:
+            return vector  # (in,)
+        full = vector.new_ones(site.out_features)  # (out,): ones outside the scaled span
+        full[site.span[0]:site.span[1]] = vector
+        return full
+
+    def gather(self, payloads, rows):
+        return gather_rows(payloads, rows, fill=1.0).unsqueeze(1)  # (B, 1, n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return self.inner(x)
+        vector = self.single if self.single is not None else self.rows
+        if self.key == "ia3:in":
+            return self.inner(rescale(x, vector, 0, x.shape[-1]))
+        out = self.inner(x)
+        return rescale(out, vector, 0, out.shape[-1])
+
+
+class AdapterRouter(RowRouter):
+    """Bottleneck adapters per row; the serial / parallel / residual wiring is AdapterLayer's own."""
+
+    def __init__(self, inner: nn.Module, key: str):
+        super().__init__(inner, key)
+        _, self.mode, self.activation_name = key.split(":")
+        self.active_adapter = "rows"
+
+    @property
+    def base_layer(self) -> nn.Module:
+        return self.inner
+
+    def payload(self, site: nn.Module) -> tuple[torch.Tensor, ...]:
+        name = site.active_adapter
+        down, up = site.adapter_down[name], site.adapter_up[name]
+        return (down.weight.detach(), down.bias.detach(), up.weight.detach(), up.bias.detach(),
+                down.weight.new_tensor([site.scaling[name]]))
+
+    def gather(self, payloads, rows):
+        # (B, m, d), (B, 1, m), (B, d, m), (B, 1, d), (B, 1, 1): zero rows add nothing (f(0) = 0, Up = 0)
+        down_w, down_b, up_w, up_b, scale = (gather_rows([p[i] for p in payloads], rows) for i in range(5))
+        return down_w, down_b.unsqueeze(1), up_w, up_b.unsqueeze(1), scale.unsqueeze(-1)
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        down_w, down_b, up_w, up_b, scale = self.single if self.single is not None else self.rows
+        out = bottleneck_update(x.to(down_w.dtype), down_w, down_b, up_w, up_b, ACTIVATIONS[self.activation_name])
+        return (out * scale).to(x.dtype)
+
+    def forward(self, *args, **kwargs):
+        if not self.active:
+            return self.inner(*args, **kwargs)
+        return AdapterLayer.forward(self, *args, **kwargs)
+
+
+def router_key(site: nn.Module) -> str:
+    """Which router applies a site: one router per (place, key) handles every task's delta there."""
+    kind = type(site).__name__
+    if kind == "IA3Linear":
+        return "ia3:in" if site.is_feedforward else "ia3:out"
+    if kind == "AdapterLayer":
+        return f"adapter:{site.mode}:{site.activation[site.active_adapter]}"
+    return "lora"
+
+
+ROUTERS: dict[str, type[RowRouter]] = {"lora": LoRARouter, "ia3": IA3Router, "adapter": AdapterRouter}
+"""Router key prefix -> router class."""
+
+
+def locate(root: nn.Module, path: str) -> nn.Module:
+    """The module at a backbone path in the mixed tree, looking through routers already installed."""
+    module = root
+    for part in path.split(".") if path else []:
+        while part not in module._modules and isinstance(module, RowRouter):
+            module = module.inner
+        module = module._modules[part]
+    return module
+
+
+def install_router(root: nn.Module, path: str, key: str) -> RowRouter:
+    """Wrap the module at `path` (or the router already there) in a new router for `key`."""
+    parent_path, _, name = path.rpartition(".")
+    parent = locate(root, parent_path)
+    while name not in parent._modules and isinstance(parent, RowRouter):
+        parent = parent.inner
+    router = ROUTERS[key.split(":")[0]](parent._modules[name], key)
+    setattr(parent, name, router)
+    return router
+
+
+# ---- per-row inputs: soft tokens and prefixes -----------------------------------------------------------
+
+def splice_soft_tokens(embeds: torch.Tensor, mask: torch.Tensor, types: torch.Tensor | None,
+                       soft: list[tuple[torch.Tensor, int] | None]):
+    """Each row as it would enter the backbone alone: [x_<at ; P ; x_≥at], right-padded to the longest.
+
+    embeds (B, T, H), mask (B, T), soft[b] = (P (n_b, H), at) or None -> (B, W, H), (B, W), types."""
+    lengths = mask.sum(1).tolist()
+    sizes = [s[0].shape[0] if s is not None else 0 for s in soft]
+    width = max(t + n for t, n in zip(lengths, sizes))
+    out = embeds.new_zeros(embeds.shape[0], width, embeds.shape[2])  # (B, W, H)
+    out_mask = mask.new_zeros(mask.shape[0], width)
+    out_types = types.new_zeros(types.shape[0], width) if types is not None else None
+    for b, (t, n, s) in enumerate(zip(lengths, sizes, soft)):
+        at = min(s[1], embeds.shape[1]) if s is not None else t
+        out[b, :at] = embeds[b, :at]
+        out[b, at + n:t + n] = embeds[b, at:t]
+        out_mask[b, :t + n] = 1
+        if s is not None:
+            out[b, at:at + n] = s[0].to(embeds.dtype)
+        if out_types is not None:
+            out_types[b, :at] = types[b, :at]
+            out_types[b, at + n:t + n] = types[b, at:t]
+            if n and at:  # the hooks give soft tokens the type of the token they follow
+                out_types[b, at:at + n] = types[b, at]
+    return out, out_mask, out_types
+
+
+def prefix_inputs(config, prefixes: list[torch.Tensor | None], mask: torch.Tensor):
+    """One cache for a batch: row b's prefix (L, 2, n_b, kv_dim) in the last n_b of n_max slots.
+
+    -> (PrefixCache, attention mask (B, n_max + W), position ids (B, W): n_b + t, as alone)."""
+    from deltatune.methods.prefix import PrefixCache, kv_shape
+
+    shape = kv_shape(config)
+    sizes = [p.shape[2] if p is not None else 0 for p in prefixes]
+    n_max, (batch, width) = max(sizes), mask.shape
+    first = next(p for p in prefixes if p is not None)
+    kv = first.new_zeros(batch, shape.layers, 2, n_max, shape.kv_dim)  # (B, L, 2, n_max, kv_dim)
+    prefix_mask = mask.new_zeros(batch, n_max)
+    for b, (n, p) in enumerate(zip(sizes, prefixes)):
+        if p is not None:
+            kv[b, :, :, n_max - n:] = p
+            prefix_mask[b, n_max - n:] = 1
+    positions = torch.tensor(sizes, device=mask.device)[:, None] + torch.arange(width, device=mask.device)
+    return PrefixCache(kv, shape), torch.cat([prefix_mask, mask], dim=1), positions
