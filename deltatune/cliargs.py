@@ -87,7 +87,8 @@ def _add(parser: argparse.ArgumentParser, name: str, hint: Any, default: Any, he
     else:
         kind = base if base in (int, float, str) else str
         required = default is inspect.Parameter.empty
-        parser.add_argument(flag(name), dest=dest, type=kind, required=required, metavar=name.rstrip("_").upper(),
+        short = [f"-{name}"] if len(name) == 1 and name != "h" else []  # a one-letter flag also works as -k
+        parser.add_argument(flag(name), *short, dest=dest, type=kind, required=required, metavar=name.rstrip("_").upper(),
                             default=None if required else default, help=help_text + shown)
 
 

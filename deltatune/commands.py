@@ -10,6 +10,7 @@ from pathlib import Path
 from deltatune.config import TrainConfig
 from deltatune.data import TaskData, load_task
 from deltatune.errors import UserError
+from deltatune.notune.templates import PromptArgs
 
 
 @dataclass
@@ -50,7 +51,8 @@ def parse_options(pairs: list[str] | None) -> dict[str, str]:
     return options
 
 
-def train(*, method: str = "lora", out: str, data: TaskArgs, training: TrainConfig, model: str | None = None,
+def train(*, method: str = "lora", out: str, data: TaskArgs, training: TrainConfig, prompt: PromptArgs,
+          model: str | None = None,
           pooling: str = "hf", unfreeze_last: int | None = None, set_: list[str] | None = None,
           threads: int | None = None, json_: bool = False) -> int:
     """Train one method on a task and write its delta directory.
@@ -65,16 +67,19 @@ def train(*, method: str = "lora", out: str, data: TaskArgs, training: TrainConf
         threads: torch intra-op threads (default: torch's choice).
         json_: Print the metrics as JSON.
     """
+    from deltatune.methods import resolve_method
+    from deltatune.notune.templates import prompt_options
     from deltatune.workflow import TrainJob, run_train_job, set_threads
 
     set_threads(threads)
-    options = parse_options(set_)
+    prompt_opts, prompt = prompt_options(resolve_method(method)[0], prompt)  # icl/knn options; --objective
+    options = {**prompt_opts, **parse_options(set_)}
     if unfreeze_last is not None:
         options["unfreeze_last"] = unfreeze_last
     task = data.load(training.seed)  # generation tasks (chatterbot) train an LM on the answer tokens
     print(task.summary(), file=sys.stderr)
     metrics = run_train_job(TrainJob(method=method, task=task, model=model, pooling=pooling,
-                                     options=options, train=training), out)
+                                     options=options, train=training, prompt=prompt), out)
     quality = (f"test loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f}" if "loss" in metrics
                else f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")
     if json_:
@@ -103,16 +108,21 @@ def evaluate(delta: str, *, data: TaskArgs, split: str = "test", model: str | No
     from deltatune.batching import encode
     from deltatune.delta import load_delta, read_meta
     from deltatune.evaluate import evaluate as run_eval
+    from deltatune.notune.job import load_strategy, strategy_metrics
 
     meta = read_meta(delta)
     task = data.load(default_task=meta["task"]["name"] if not (data.task or data.data) else None)
     if split not in ("train", "validation", "test"):
         raise UserError(f"--split must be train, validation or test, not '{split}'")
     examples = remap_labels(getattr(task, split), task.label_names, meta["task"]["label_names"])
-    loaded = load_delta(delta, model=model, device=pick_device(device))
-    max_length = meta.get("train_config", {}).get("max_length", 128)
-    rows = encode(loaded.task_model.tokenizer, examples, max_length, split)
-    metrics = run_eval(loaded.task_model, rows, batch_size, precision)
+    strategy = load_strategy(delta, meta, model, pick_device(device), precision, batch_size)  # icl, knn
+    if strategy is not None:
+        metrics, rows = strategy_metrics(strategy, examples, meta["num_labels"]), examples
+    else:
+        loaded = load_delta(delta, model=model, device=pick_device(device))
+        max_length = meta.get("train_config", {}).get("max_length", 128)
+        rows = encode(loaded.task_model.tokenizer, examples, max_length, split)
+        metrics = run_eval(loaded.task_model, rows, batch_size, precision)
     metrics.update(task=task.name, split=split, examples=len(rows), method=meta["method"])
     if json_:
         print(json.dumps(metrics, indent=2))
@@ -148,7 +158,8 @@ def predict(delta: str, texts: list[str] = (), *, file: str | None = None, model
         json_: Print a JSON list of {text, label, probabilities}.
     """
     from deltatune.backbone import pick_device
-    from deltatune.delta import load_delta
+    from deltatune.delta import load_delta, read_meta
+    from deltatune.notune.job import load_strategy, predict_with_strategy
     from deltatune.predict import predict_texts
 
     texts = list(texts)
@@ -162,8 +173,12 @@ def predict(delta: str, texts: list[str] = (), *, file: str | None = None, model
         texts = [line for line in lines if line.strip()]
     if not texts:
         raise UserError("no text to predict: give texts as arguments, --file, or lines on stdin")
-    loaded = load_delta(delta, model=model, device=pick_device(device))
-    results = predict_texts(loaded, texts, batch_size)
+    meta = read_meta(delta)
+    strategy = load_strategy(delta, meta, model, pick_device(device), batch_size=batch_size)  # icl, knn
+    if strategy is not None:
+        results = predict_with_strategy(strategy, texts, meta["task"]["label_names"])
+    else:
+        results = predict_texts(load_delta(delta, model=model, device=pick_device(device)), texts, batch_size)
     if json_:
         print(json.dumps(results, indent=2, ensure_ascii=False))
     else:

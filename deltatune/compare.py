@@ -19,6 +19,7 @@ from deltatune.config import TrainConfig
 from deltatune.errors import UserError
 from deltatune.io import write_json_atomic, write_text_atomic
 from deltatune.methods import REGISTRY, method_names, resolve_method
+from deltatune.notune.templates import PromptArgs, prompt_argv
 from deltatune.report import add_inference_overhead, markdown_table, plot_accuracy_vs_params
 
 DEFAULT_METHODS = "features,head,last2,full,lora,bitfit"
@@ -42,7 +43,7 @@ def options_for(method: str, pairs: list[str] | None) -> list[str]:
 
 
 def compare(*, methods: str = DEFAULT_METHODS, out: str = "runs/compare", data: TaskArgs, training: TrainConfig,
-            model: str | None = None, pooling: str = "hf", set_: list[str] | None = None,
+            prompt: PromptArgs, model: str | None = None, pooling: str = "hf", set_: list[str] | None = None,
             threads: int | None = None) -> int:
     """Train several methods on the same task and split; print and plot the comparison.
 
@@ -76,6 +77,7 @@ def compare(*, methods: str = DEFAULT_METHODS, out: str = "runs/compare", data: 
             argv += ["--threads", str(threads)]
         for pair in options_for(name, set_):
             argv += ["--set", pair]
+        argv += prompt_argv(resolve_method(name)[0], prompt)  # --shots etc. to icl, --objective to tuned methods
         print(f"\n== {name} ==", file=sys.stderr)
         proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True, env={**os.environ})
         if proc.returncode != 0:

@@ -145,6 +145,10 @@ def load_delta(path: str | Path, model: str | None = None, device: str | torch.d
         raise UserError(f"{exc} (the delta's backbone; pass --model PATH)") from exc
     task_model = load_task_model(model_path, num_labels=meta["num_labels"],
                                  pooling=meta["backbone"]["pooling"], device=device)
+    if meta.get("prompt", {}).get("objective") == "verbalizer":  # PET / LM-BFF: LM head at the label words
+        from deltatune.notune.label_head import attach_label_head
+
+        attach_label_head(task_model, meta["prompt"])
     method, config = apply_delta(task_model, meta, tensors)
     task_model.module.to(device)
     task_model.module.eval()

@@ -17,6 +17,8 @@ COLUMNS = [
     ("inference_ms_per_example", "infer ms/ex", "{:.2f}"),
     ("inference_overhead_pct", "infer overhead %", "{:+.1f}"),
     ("delta_bytes", "delta size", "{}"),
+    ("shots_used", "shots", "{:.1f}"),  # no-tuning strategies (icl): demonstrations that fit the prompt
+    ("prompt_tokens", "prompt tokens", "{:.0f}"),
 ]
 
 

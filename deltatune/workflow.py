@@ -20,6 +20,8 @@ from deltatune.generation import encode_lm, is_seq2seq
 from deltatune.memory import PeakMemory
 from deltatune.methods import resolve_method
 from deltatune.methods.base import count_parameters
+from deltatune.notune.label_head import attach_label_head, objective_pooling, verbalizer_spec
+from deltatune.notune.templates import PromptArgs
 from deltatune.train import seed_everything, train_model, validate
 
 
@@ -33,6 +35,8 @@ class TrainJob:
     pooling: str = "hf"
     options: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
+    prompt: PromptArgs = field(default_factory=PromptArgs)
+    """Prompt flags: --objective verbalizer for tuned methods (icl/knn get theirs as options)."""
 
 
 def run_train_job(job: TrainJob, out: str | Path) -> dict[str, Any]:
@@ -40,6 +44,8 @@ def run_train_job(job: TrainJob, out: str | Path) -> dict[str, Any]:
     config = job.train.validate()
     device = pick_device(config.device)
     method, method_config = resolve_method(job.method, job.options)
+    if hasattr(method, "run_job"):  # no-tuning strategies (icl, knn): a prompt or an index, no gradient
+        return method.run_job(job, method_config, out)
     seed_everything(config.seed)
     task = job.task
     lm = task.kind == GENERATION  # generation: the model's own LM head, loss on the answer tokens
@@ -49,8 +55,13 @@ def run_train_job(job: TrainJob, out: str | Path) -> dict[str, Any]:
         pooling = "lm"
     else:
         pooling = method.pooling_for(job.pooling, _arch_of(job)) if hasattr(method, "pooling_for") else job.pooling
+    prompted = job.prompt.objective == "verbalizer"  # PET / LM-BFF: the LM head scores label words
+    if prompted:
+        pooling = objective_pooling(pooling, method)
     task_model = load_task_model(job.model, num_labels=len(task.label_names), pooling=pooling,
                                  device=device, seed=config.seed)
+    prompt_meta = attach_label_head(task_model, verbalizer_spec(task, job.prompt.template,
+                                                                job.prompt.verbalizer)) if prompted else None
     method.apply(task_model, method_config)
     trainable, total = count_parameters(task_model.module)
     tok = task_model.tokenizer
@@ -90,6 +101,7 @@ def run_train_job(job: TrainJob, out: str | Path) -> dict[str, Any]:
         "metrics": metrics,
         "history": result.history,
         "head_names": task_model.head_names,
+        **({"prompt": prompt_meta} if prompt_meta else {}),
     }
     save_delta(out, task_model, method, method_config, meta)
     metrics["delta_bytes"] = delta_size_bytes(out)

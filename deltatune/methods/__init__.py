@@ -14,6 +14,8 @@ from deltatune.methods import (
     full,
     head,
     ia3,
+    icl,
+    knn,
     lora,
     mam,
     prefix,
@@ -35,6 +37,8 @@ REGISTRY: dict[str, ModuleType] = {
     "prompt": prompt,
     "prefix": prefix,
     "ptuning": ptuning,
+    "icl": icl,
+    "knn": knn,
 }
 
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {

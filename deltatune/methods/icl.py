@@ -16,7 +16,6 @@ import sys
 from dataclasses import dataclass
 
 from deltatune.backbone import TaskModel
-from deltatune.errors import UserError
 
 NAME = "icl"
 DEFAULT_LR = 0.0
@@ -45,8 +44,7 @@ class Config:
 
 
 def apply(task_model: TaskModel, config: Config) -> None:
-    raise UserError("icl trains no parameters and has no module to apply: use `deltatune train --method icl`, "
-                    "`eval` or `predict` on its delta")
+    """Nothing to add: icl has no parameters; it predicts through its strategy (`run_job`), not this model."""
 
 
 def run_job(job, config: Config, out) -> dict:

@@ -13,7 +13,6 @@ import sys
 from dataclasses import dataclass
 
 from deltatune.backbone import TaskModel
-from deltatune.errors import UserError
 
 NAME = "knn"
 DEFAULT_LR = 0.0
@@ -30,8 +29,7 @@ class Config:
 
 
 def apply(task_model: TaskModel, config: Config) -> None:
-    raise UserError("knn trains no parameters and has no module to apply: use `deltatune train --method knn`, "
-                    "`eval` or `predict` on its delta")
+    """Nothing to add: knn has no parameters; it predicts through its strategy (`run_job`), not this model."""
 
 
 def run_job(job, config: Config, out) -> dict:

@@ -68,6 +68,8 @@ def run_strategy_job(job, method: ModuleType, config: Any, out: str | Path) -> d
     device = pick_device(train_config.device)
     seed_everything(train_config.seed)
     task = job.task
+    if task.kind != "classification":
+        raise UserError(f"method '{job.method}' classifies; task '{task.name}' is a {task.kind} task")
     pair = any(e.text_pair is not None for e in task.train)
     context = StrategyContext(job.model, device, train_config, task.name, task.label_names, task.description, pair)
     with PeakMemory() as memory:

@@ -195,7 +195,8 @@ def split_prompt_args(method: ModuleType, prompt: PromptArgs) -> tuple[dict[str,
         fields = {f.name for f in dataclasses.fields(method.Config)}
         options = {k: v for k, v in given.items() if k in fields}
         return options, PromptArgs(), sorted(set(given) - set(options))
-    tuned = {"objective"} | ({"template", "verbalizer"} if prompt.objective == "verbalizer" else set())
+    tuned = set() if hasattr(method, "fit") else (  # features fits its own head: no objective to choose
+        {"objective"} | ({"template", "verbalizer"} if prompt.objective == "verbalizer" else set()))
     kept = {k: v for k, v in given.items() if k in tuned}
     return {}, PromptArgs(**kept), sorted(set(given) - set(kept))
 
