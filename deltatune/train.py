@@ -2,7 +2,7 @@
 
 AdamW (decoupled weight decay, none on biases and norms) -> linear warm-up then linear decay ->
 gradient accumulation -> clipping -> evaluation on validation after each epoch -> the best epoch's
-trainable tensors are restored at the end. Seeded, bf16 autocast optional, device chosen at run
+trainable tensors are restored at the end (unless the method sets RESTORE_BEST_EPOCH = False). Seeded, bf16 autocast optional, device chosen at run
 time. Frozen bottoms run in eval mode and, when nothing trainable sits below them, are cached.
 """
 
@@ -141,6 +141,8 @@ def _gradient_loop(task_model, method, method_config, train, validation, config,
     frozen_depth = frozen_prefix_depth(task_model)
     on_step = getattr(method, "on_train_step", None)
     extra_loss = getattr(method, "extra_loss", None)  # a method's regulariser (AdaLoRA: orthogonality)
+    # False: the delta is the state at the end of training (AdaLoRA: earlier epochs predate its final budget)
+    keep_best = getattr(method, "RESTORE_BEST_EPOCH", True)
     history: list[dict[str, float]] = []
     best_state, best_score, best_epoch, best_val = None, float("-inf"), 0, {}
     step = 0
@@ -175,9 +177,10 @@ def _gradient_loop(task_model, method, method_config, train, validation, config,
         if config.progress:
             tqdm.write(f"epoch {epoch}: train loss {epoch_loss / max(1, seen):.4f}, validation {describe(val)}")
         score = val["accuracy"] if "accuracy" in val else -val["loss"]  # LM tasks: the lowest loss wins
-        if score > best_score:
+        if score > best_score or not keep_best:
             best_score, best_epoch, best_val = score, epoch, val
-            best_state = {k: v.clone() for k, v in trainable_state(module).items()}
+            if keep_best:
+                best_state = {k: v.clone() for k, v in trainable_state(module).items()}
     if best_state is not None:
         module.load_state_dict(best_state, strict=False)
     seconds = time.perf_counter() - start

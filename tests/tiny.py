@@ -40,6 +40,11 @@ def _tokenizer(kind: str):
             special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
         return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    if kind == "t5":  # T5 appends </s>; its classifier reads the </s> position
+        tok.post_processor = processors.TemplateProcessing(
+            single="$A </s>", pair="$A </s> $B:1 </s>:1", special_tokens=[("</s>", vocab["</s>"])])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                       eos_token="</s>")
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
@@ -47,7 +52,7 @@ def _tokenizer(kind: str):
 
 
 def tiny_config(kind: str):
-    from transformers import BertConfig, GPT2Config, LlamaConfig
+    from transformers import BertConfig, GPT2Config, LlamaConfig, T5Config
 
     if kind == "bert":
         return BertConfig(vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -59,6 +64,9 @@ def tiny_config(kind: str):
     if kind == "gpt2":
         return GPT2Config(vocab_size=VOCAB_SIZE, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                           pad_token_id=0, bos_token_id=5, eos_token_id=6)
+    if kind == "t5":
+        return T5Config(vocab_size=VOCAB_SIZE, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                        pad_token_id=0, eos_token_id=6, decoder_start_token_id=0)
     raise ValueError(kind)
 
 

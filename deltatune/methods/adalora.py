@@ -45,6 +45,8 @@ PEFT_TYPE = "ADALORA"
 RANK_EPS = 1e-5
 """peft divides by (ranknum + 1e-5); kept so that outputs match peft's to the last bit."""
 PARTS = ("lora_A", "lora_E", "lora_B")
+RESTORE_BEST_EPOCH = False
+"""The delta is the end of training: an earlier epoch's λ predate the final budget's mask."""
 
 
 @dataclass
