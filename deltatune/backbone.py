@@ -181,6 +181,8 @@ class TaskModel:
     fingerprint: str
     head_names: list[str] = field(default_factory=list)
     """Parameter names of the task head (trained by every method except `features`)."""
+    label_names: list[str] = field(default_factory=list)
+    """Class names in label order, when known (the training workflow sets them; prompt init uses them)."""
 
     @property
     def backbone(self) -> nn.Module:

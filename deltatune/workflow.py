@@ -62,6 +62,7 @@ def run_train_job(job: TrainJob, out: str | Path) -> dict[str, Any]:
                                  device=device, seed=config.seed)
     prompt_meta = attach_label_head(task_model, verbalizer_spec(task, job.prompt.template,
                                                                 job.prompt.verbalizer)) if prompted else None
+    task_model.label_names = list(task.label_names)
     method.apply(task_model, method_config)
     trainable, total = count_parameters(task_model.module)
     tok = task_model.tokenizer
