@@ -141,7 +141,7 @@ class Engine:
 
     @torch.no_grad()
     def classify(self, items: list[tuple[str, str]]) -> list[dict | Exception]:
-        """{task, label, probabilities} (or the exception that failed it) per (task, text) item, in order."""
+        """{task, label, probabilities, logits} (or the exception that failed it) per (task, text) item, in order."""
         start = time.perf_counter()
         results: list[dict | Exception | None] = [None] * len(items)
         with self.lock:
@@ -155,7 +155,7 @@ class Engine:
                 else:
                     by_task.setdefault(name, []).append(i)
             record = BatchRecord(rows=sum(map(len, by_task.values())), tasks=len(by_task))
-            rows = {name: encode(self.shared.tokenizer, [Example(text=items[i][1]) for i in idx],
+            rows = {name: encode(self.tasks[name].tokenizer, [Example(text=items[i][1]) for i in idx],
                                  self.tasks[name].max_length) for name, idx in by_task.items()}
             shared = [self.tasks[n] for n in by_task if self.tasks[n].group == SHARED]
             logits: dict[str, torch.Tensor | Exception] = {}
@@ -172,9 +172,11 @@ class Engine:
                         results[i] = out
                     continue
                 labels = self.tasks[name].labels or [str(k) for k in range(out.shape[1])]
-                for i, p in zip(idx, out.float().softmax(-1).cpu()):
+                for i, row in zip(idx, out.float().cpu()):
+                    p = row.softmax(-1)
                     results[i] = {"task": name, "label": labels[int(p.argmax())],
-                                  "probabilities": {label: float(v) for label, v in zip(labels, p)}}
+                                  "probabilities": {label: float(v) for label, v in zip(labels, p)},
+                                  "logits": row.tolist()}
             record.seconds = time.perf_counter() - start
             self._record(record)
         return results
@@ -205,7 +207,7 @@ class Engine:
             out = task.top(**batch).logits
         except Exception as exc:  # noqa: BLE001 - reported per item, the other tasks go on
             return exc
-        record.groups.append((f"{OWN}:{task.name}", len(rows)))
+        record.groups.append((f"{kind}:{task.name}", len(rows)))
         self.stats.passes[kind] += 1
         return out
 

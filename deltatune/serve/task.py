@@ -24,9 +24,14 @@ from torch import nn
 from deltatune.backbone import ArchSpec, PooledClassifier, TaskModel
 from deltatune.delta import apply_delta, delta_size_bytes
 from deltatune.errors import UserError
+from deltatune.methods import resolve_method
 from deltatune.serve.routing import ROUTING, find_sites, router_key, structural_clone, unexplained
 
 SHARED, OWN = "shared", "own"
+
+
+class BackboneMismatch(UserError):
+    """A delta trained on another backbone than the served one (HTTP 409)."""
 
 
 @dataclass
@@ -81,6 +86,8 @@ class ServedTask:
     """(P (n, H), insert position) for prompt / P-tuning tasks."""
     prefix: torch.Tensor | None = None
     """(L, 2, n, kv_dim) for prefix / MAM tasks."""
+    tokenizer: object = None
+    """The task's tokenizer: the shared one, or a template renderer (verbalizer objective)."""
 
     @property
     def method(self) -> str:
@@ -173,10 +180,14 @@ def build_task(shared: SharedBackbone, name: str, path: str | Path, meta: dict,
     """Apply a delta around a clone of the shared backbone; decide whether it can share the mixed pass."""
     backbone_meta = meta.get("backbone", {})
     if backbone_meta.get("fingerprint") != shared.fingerprint:
-        raise UserError(
+        raise BackboneMismatch(
             f"task '{name}': delta was trained on a different backbone ({backbone_meta.get('path')}, "
             f"fingerprint {backbone_meta.get('fingerprint')}) than the served {shared.model_path} "
             f"(fingerprint {shared.fingerprint})")
+    method, _ = resolve_method(meta["method"], meta.get("method_config", {}))
+    if hasattr(method, "run_job"):
+        raise UserError(f"task '{name}': method '{meta['method']}' predicts through its own pipeline, not a "
+                        "pass of the model: serve does not run it (use deltatune predict)")
     pooling = backbone_meta.get("pooling", "hf")
     labels = meta.get("task", {}).get("label_names", [])
     num_labels = int(meta.get("num_labels") or len(labels) or 1)
@@ -189,6 +200,11 @@ def build_task(shared: SharedBackbone, name: str, path: str | Path, meta: dict,
                            pooling=pooling, num_labels=num_labels, fingerprint=shared.fingerprint,
                            head_names=head_names)
     task_model.label_names = list(labels)  # methods that start from the class names (prompt init=labels)
+    verbalizer = meta.get("prompt", {}).get("objective") == "verbalizer"
+    if verbalizer:  # the LM head's label-word rows as the head, texts rendered through the template
+        from deltatune.notune.label_head import attach_label_head
+
+        attach_label_head(task_model, meta["prompt"])
     shared_ids = shared.tensor_ids()
     try:
         apply_delta(task_model, meta, tensors, before_load=privatizer(shared_ids))
@@ -199,14 +215,14 @@ def build_task(shared: SharedBackbone, name: str, path: str | Path, meta: dict,
     top.requires_grad_(False)
     top.eval()
     missing = [n for n, p in top.named_parameters() if not n.startswith(base_name + ".")
-               and id(p) not in shared_ids and n not in tensors]
+               and id(p) not in shared_ids and n not in tensors and not verbalizer]
     if missing:
         raise UserError(f"task '{name}': delta has no tensor for the head weight '{missing[0]}'")
     stub = Precomputed(clone.config)
     view = copy.copy(top)  # shares the head's modules and hooks; only the backbone child differs
     view._modules = {**top._modules, base_name: stub}
     task = ServedTask(name=name, path=str(path), meta=meta, top=top, base_name=base_name, view=view,
-                      stub=stub, group=SHARED)
+                      stub=stub, group=SHARED, tokenizer=task_model.tokenizer)
     routing = ROUTING.get(meta["method"])
     reason = unexplained(top, base_name, shared.module, routing, vanilla_children)
     if reason is not None:
