@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "estimate": "deltatune.estimate.cli:estimate",
     "index": "deltatune.notune.ask:index_command",
     "ask": "deltatune.notune.ask:ask",
+    "serve": "deltatune.serve.cli:serve",
 }
 
 
