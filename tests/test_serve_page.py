@@ -1,0 +1,118 @@
+"""The page at `/`, in a real headless Chromium (Debian's chromium + chromium-driver, driven by selenium).
+
+The server is a real uvicorn server on a free loopback port, in a thread of this process. Chromium is
+installed with apt when missing (as root); the test skips, saying why, only when that is impossible.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+
+import pytest
+import torch
+from test_serve_engine import make_delta
+
+APT_PACKAGES = ("chromium", "chromium-driver")
+
+
+def chromium_paths() -> tuple[str, str]:
+    """(chromium, chromedriver), installing the Debian packages first when they are missing."""
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        if shutil.which("apt-get") is None or os.geteuid() != 0:
+            pytest.skip("chromium / chromedriver missing and apt-get not usable here (needs root): "
+                        "apt-get install chromium chromium-driver")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-q"], env=env, check=False, capture_output=True, timeout=600)
+        done = subprocess.run(["apt-get", "install", "-y", "-q", *APT_PACKAGES], env=env, capture_output=True,
+                              text=True, timeout=900)
+        if done.returncode != 0:
+            pytest.skip(f"apt-get install {' '.join(APT_PACKAGES)} failed: {done.stderr.strip()[-300:]}")
+    return shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def server_url(tiny_dir, tmp_path_factory):
+    import uvicorn
+    from test_serve_http import free_port
+
+    from deltatune.serve.app import create_app
+    from deltatune.serve.batcher import Batcher
+    from deltatune.serve.engine import Engine
+    from deltatune.serve.registry import Registry
+    from deltatune.serve.server import Server
+
+    root = tmp_path_factory.mktemp("serve-page")
+    model = tiny_dir("bert")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    engine = Engine(model, device="cpu")
+    server = Server(engine, Registry(root / "registry"), admin_token="t")
+    server.register("sentiment", str(make_delta(root / "sentiment", model, "lora", seed=1)))
+    server.register("topic", str(make_delta(root / "topic", model, "bitfit", labels=("sport", "tech", "vote"),
+                                            seed=2)))
+    batcher = Batcher(engine, max_wait_ms=2).start()
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(create_app(server, batcher), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not uv.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert uv.started, "uvicorn did not start"
+    yield f"http://127.0.0.1:{port}", engine
+    uv.should_exit = True
+    thread.join(10)
+    batcher.stop()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium missing: pip install -e '.[dev]'")
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver_path = chromium_paths()
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def test_page_lists_tasks_and_predicts(server_url, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    url, engine = server_url
+    browser.get(url + "/")
+    wait = WebDriverWait(browser, 20)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#tasks tbody tr[data-task]")) == 2)
+    rows = {r.get_attribute("data-task"): [c.text for c in r.find_elements(By.TAG_NAME, "td")]
+            for r in browser.find_elements(By.CSS_SELECTOR, "#tasks tbody tr[data-task]")}
+    assert rows["sentiment"][:3] == ["sentiment", "lora", "neg, pos"]
+    assert rows["topic"][:3] == ["topic", "bitfit", "sport, tech, vote"]
+    assert "accuracy 0.750" in rows["sentiment"][3]
+    assert rows["sentiment"][4] == "shared" and rows["topic"][4].startswith("own")
+
+    for task, text in (("topic", "the team won the match"), ("sentiment", "a great film")):
+        Select(browser.find_element(By.ID, "task-select")).select_by_value(task)
+        box = browser.find_element(By.ID, "text")
+        box.clear()
+        box.send_keys(text)
+        browser.find_element(By.ID, "predict").click()
+        expected = engine.classify([(task, text)])[0]
+        wait.until(lambda d, want=expected["label"]: d.find_elements(By.ID, "label")
+                   and d.find_element(By.ID, "label").text == want)
+        shown = browser.find_elements(By.CSS_SELECTOR, "#result table tr")
+        assert len(shown) == len(expected["probabilities"])
+        best = max(expected["probabilities"].values())
+        assert shown[0].text.split()[0] == expected["label"] and f"{best:.3f}" in shown[0].text
