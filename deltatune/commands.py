@@ -114,6 +114,10 @@ def evaluate(delta: str, *, data: TaskArgs, split: str = "test", model: str | No
     task = data.load(default_task=meta["task"]["name"] if not (data.task or data.data) else None)
     if split not in ("train", "validation", "test"):
         raise UserError(f"--split must be train, validation or test, not '{split}'")
+    if meta["backbone"].get("pooling") == "lm":  # a generation delta: loss and perplexity of the answers
+        from deltatune.commands_lm import evaluate_generation
+
+        return evaluate_generation(delta, meta, task, split, model, batch_size, precision, device, json_)
     examples = remap_labels(getattr(task, split), task.label_names, meta["task"]["label_names"])
     strategy = load_strategy(delta, meta, model, pick_device(device), precision, batch_size)  # icl, knn
     if strategy is not None:
@@ -174,6 +178,8 @@ def predict(delta: str, texts: list[str] = (), *, file: str | None = None, model
     if not texts:
         raise UserError("no text to predict: give texts as arguments, --file, or lines on stdin")
     meta = read_meta(delta)
+    if meta["backbone"].get("pooling") == "lm":
+        raise UserError(f"{delta} is a generation delta: use `deltatune generate`")
     strategy = load_strategy(delta, meta, model, pick_device(device), batch_size=batch_size)  # icl, knn
     if strategy is not None:
         results = predict_with_strategy(strategy, texts, meta["task"]["label_names"])

@@ -63,3 +63,26 @@ def import_peft(peft_dir: str, out: str, *, model: str | None = None, labels: st
     run_import(peft_dir, out, model=model, labels=labels)
     print(f"wrote {out} (delta imported from {peft_dir})")
     return 0
+
+
+def evaluate_generation(delta: str, meta: dict, task, split: str, model: str | None, batch_size: int,
+                        precision: str, device: str, json_: bool) -> int:
+    """`deltatune eval` of a generation delta: loss per answer token and perplexity on a split."""
+    from deltatune.backbone import pick_device
+    from deltatune.delta import load_delta
+    from deltatune.generation import encode_lm, evaluate_lm, is_seq2seq
+
+    if task.kind != "generation":
+        raise UserError(f"{delta} is a generation delta; task '{task.name}' has no target texts to score")
+    loaded = load_delta(delta, model=model, device=pick_device(device))
+    max_length = meta.get("train_config", {}).get("max_length", 128)
+    rows = encode_lm(loaded.task_model.tokenizer, getattr(task, split), max_length, split,
+                     seq2seq=is_seq2seq(loaded.task_model))
+    metrics = evaluate_lm(loaded.task_model, rows, batch_size, precision)
+    metrics.update(task=task.name, split=split, examples=len(rows), method=meta["method"])
+    if json_:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(f"{meta['method']} on {task.name}/{split} ({len(rows)} examples): loss {metrics['loss']:.4f}, "
+              f"perplexity {metrics['perplexity']:.2f}, {metrics['inference_ms_per_example']:.2f} ms/example")
+    return 0

@@ -107,6 +107,15 @@ def test_generate_cli_runs_greedy_on_a_delta(tiny_dir, tmp_path, capsys):
     again = generate_texts(loaded.task_model, ["is it good", "hi"], max_new_tokens=4)
     assert [r["reply"] for r in replies] == again  # greedy: deterministic
     assert all(len(loaded.task_model.tokenizer(r, add_special_tokens=False)["input_ids"]) <= 4 for r in again)
+    # eval scores a generation task's answers; predict points to generate
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", str(tmp_path / "delta"), "--task", "chatterbot", "--test-size", "8", "--json"])
+    assert exit_info.value.code == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["examples"] == 8 and metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", str(tmp_path / "delta"), "hello"])
+    assert exit_info.value.code == 2 and "deltatune generate" in capsys.readouterr().err
 
 
 def test_generate_refuses_a_classification_delta(tiny_dir, toy_csv, tmp_path, capsys):
