@@ -192,3 +192,25 @@ def test_lora_trains_a_classifier_on_gpt2_and_t5(tiny_dir, toy_csv, tmp_path, ki
     reference = logits_of(tm.module, inputs)
     set_active(tm, None)
     assert not torch.allclose(logits_of(tm.module, inputs), reference)  # the saved delta changes the output
+
+
+@pytest.mark.parametrize("name", ["lora", "adalora"])
+def test_lm_delta_exports_as_causal_lm_and_imports_back(tiny_dir, tmp_path, name):
+    from transformers import AutoModelForCausalLM
+
+    tm = load_task_model(tiny_dir("llama"), num_labels=0, pooling="lm")
+    method, config = resolve_method(name)
+    method.apply(tm, config)
+    randomise(tm.module, std=0.1)
+    inputs = inputs_for(tm.tokenizer)
+    expected = logits_of(tm.module, inputs)  # (B, T, vocab)
+    save_delta(tmp_path / "delta", tm, method, config,
+               {"task": {"name": "chat", "kind": "generation", "label_names": []}, "head_names": tm.head_names})
+    export_peft(tmp_path / "delta", tmp_path / "peft")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir("llama")),
+                                           str(tmp_path / "peft"))
+    assert (logits_of(peft_model, inputs) - expected).abs().max() <= TOL
+    back = load_delta(import_peft(tmp_path / "peft", tmp_path / "back"))
+    assert back.meta["task"]["kind"] == "generation" and back.meta["backbone"]["pooling"] == "lm"
+    assert (logits_of(back.task_model.module, inputs) - expected).abs().max() <= TOL
