@@ -53,6 +53,7 @@ class ICL:
         self.index: VectorIndex | None = None  # retrieved: the training examples
         self._encoder = None
         self.stats: dict[str, float] = {}
+        self.raw_scores: torch.Tensor | None = None  # before calibration (when calibrating): shows its effect
 
     @property
     def encoder(self):
@@ -87,6 +88,7 @@ class ICL:
                                disable=not self.progress, leave=False)]
         scores = torch.cat(parts) if parts else torch.zeros(0, len(self.labels))
         if self.config.calibrate:
+            self.raw_scores = scores.log_softmax(-1)
             scores = calibrate(scores, self.scorer.score(prefix, self._content_free(len(prefix), pair)))
         lengths = [self.scorer.prompt_length(prefix, q) for q in queries]
         self.stats = {"shots_used": float(used), "prefix_tokens": float(len(prefix)),
@@ -98,6 +100,7 @@ class ICL:
         label_index = {name: i for i, name in enumerate(self.spec.label_names)}
         hits = self.index.query(self.encoder, [example_text(e.text, e.text_pair) for e in examples], shots + 1)
         out = torch.zeros(len(examples), len(self.labels))
+        raw = torch.zeros(len(examples), len(self.labels))
         used, prefix_lens, lengths = [], [], []
         for n, (example, found) in enumerate(tqdm(list(zip(examples, hits)), desc=f"icl {shots}-shot retrieved",
                                                   disable=not self.progress, leave=False)):
@@ -108,12 +111,14 @@ class ICL:
             free = self._content_free(len(prompt.prefix), example.text_pair is not None) if self.config.calibrate else []
             scores = self.scorer.score(prompt.prefix, [prompt.query] + free)  # one prefix, its K/V computed once
             out[n] = calibrate(scores[:1], scores[1:])[0] if free else scores[0]
+            raw[n] = scores[0]
             used.append(prompt.shots_used)
             prefix_lens.append(len(prompt.prefix))
             lengths.append(self.scorer.prompt_length(prompt.prefix, prompt.query))
         count = max(1, len(examples))
         self.stats = {"shots_used": sum(used) / count, "shots_used_min": float(min(used, default=0)),
                       "prefix_tokens": sum(prefix_lens) / count, "prompt_tokens": sum(lengths) / count}
+        self.raw_scores = raw.log_softmax(-1) if self.config.calibrate else None
         return out.log_softmax(-1)
 
     def backbone(self) -> dict[str, Any]:

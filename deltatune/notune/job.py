@@ -55,6 +55,9 @@ def strategy_metrics(strategy, examples: list[Example], num_labels: int) -> dict
     metrics: dict[str, Any] = classification_metrics(scores, [e.label for e in examples], num_labels)
     metrics["inference_ms_per_example"] = 1000 * seconds / max(1, len(examples))
     metrics["examples_per_second"] = len(examples) / seconds if seconds > 0 else None
+    raw = getattr(strategy, "raw_scores", None)  # icl --calibrate: the accuracy it would have without
+    if raw is not None:
+        metrics["uncalibrated_accuracy"] = classification_metrics(raw, [e.label for e in examples], num_labels)["accuracy"]
     metrics.update(strategy.stats)
     return metrics
 
@@ -92,6 +95,7 @@ def run_strategy_job(job, method: ModuleType, config: Any, out: str | Path) -> d
         "precision": train_config.precision, "device": str(device),
         "frozen_prefix_cache": {}, "train_examples": len(task.train), "test_examples": len(task.test),
         **{k: v for k, v in strategy.stats.items()},
+        **({"uncalibrated_accuracy": test["uncalibrated_accuracy"]} if "uncalibrated_accuracy" in test else {}),
     }
     meta = {
         "format": FORMAT, "version": VERSION, "method": method.NAME, "method_config": config_dict(config),
