@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -183,6 +184,9 @@ class TaskModel:
     """Parameter names of the task head (trained by every method except `features`)."""
     label_names: list[str] = field(default_factory=list)
     """Class names in label order, when known (the training workflow sets them; prompt init uses them)."""
+    loaded_modules: weakref.WeakSet = field(default_factory=weakref.WeakSet, repr=False)
+    """The modules as loaded (backbone and head), before any method added its own (the fast path
+    casts these to bf16 and leaves a method's modules alone)."""
 
     @property
     def backbone(self) -> nn.Module:
@@ -325,7 +329,7 @@ def load_task_model(model: str | None, num_labels: int, pooling: str = "hf",
     return TaskModel(module=module, tokenizer=tokenizer, arch=arch, model_path=model_path,
                      pooling=pooling, num_labels=num_labels,
                      fingerprint=fingerprint_module(module.base_model, skip=base_missing),
-                     head_names=head_names)
+                     head_names=head_names, loaded_modules=weakref.WeakSet(module.modules()))
 
 
 def _base_prefix(module: nn.Module) -> str:

@@ -23,7 +23,8 @@ from deltatune.backbone import TaskModel
 from deltatune.batching import Encoded, collate, train_batches
 from deltatune.caching import FrozenPrefixCache, frozen_prefix_depth
 from deltatune.config import TrainConfig
-from deltatune.evaluate import autocast_for, evaluate, forward_batch, pooled_features
+from deltatune.evaluate import autocast_for, evaluate, pooled_features
+from deltatune.fast import autocast_precision, training_forward
 from deltatune.methods.base import trainable_state
 
 
@@ -86,7 +87,7 @@ def make_cache(task_model: TaskModel, config: TrainConfig, splits: list[list[Enc
     for start in tqdm(range(0, len(rows), config.eval_batch_size), desc="caching frozen layers",
                       disable=not config.progress, leave=False):
         batch = collate(rows[start:start + config.eval_batch_size], task_model.tokenizer.pad_token_id, device)
-        with autocast_for(device, config.precision):
+        with autocast_for(device, autocast_precision(task_model, config.precision)):
             cache.add(batch)
     cache.flush()
     return cache
@@ -100,11 +101,12 @@ def train_model(task_model: TaskModel, method: ModuleType, method_config: Any, t
     cache = make_cache(task_model, config, [train, validation])
     cache_info = {"depth": cache.depth, "spilled_mb": cache.spilled_bytes / 2**20} if cache else {}
     if hasattr(method, "fit"):  # non-gradient methods (features): fit on pooled representations
-        train_x = pooled_features(task_model, train, config.eval_batch_size, config.precision, cache)
-        val_x = pooled_features(task_model, validation, config.eval_batch_size, config.precision, cache)
+        amp = autocast_precision(task_model, config.precision)
+        train_x = pooled_features(task_model, train, config.eval_batch_size, amp, cache)
+        val_x = pooled_features(task_model, validation, config.eval_batch_size, amp, cache)
         fitted = method.fit(task_model, method_config, (train_x, np.array([r.label for r in train])),
                             (val_x, np.array([r.label for r in validation])))
-        val = evaluate(task_model, validation, config.eval_batch_size, config.precision, cache)
+        val = evaluate(task_model, validation, config.eval_batch_size, amp, cache)
         seconds = time.perf_counter() - start
         return TrainResult(best_epoch=1, validation=val, history=[{"epoch": 1, **val, **fitted}],
                            train_seconds=seconds, train_examples_per_second=len(train) / seconds,
@@ -116,11 +118,12 @@ def train_model(task_model: TaskModel, method: ModuleType, method_config: Any, t
 def validate(task_model: TaskModel, rows: list[Encoded], config: TrainConfig,
              cache: FrozenPrefixCache | None = None) -> dict[str, float]:
     """Accuracy and macro-F1 for a classifier; loss and perplexity on the answer tokens for an LM."""
+    amp = autocast_precision(task_model, config.precision)  # none once the fast path set the dtypes
     if task_model.pooling == "lm":
         from deltatune.generation import evaluate_lm
 
-        return evaluate_lm(task_model, rows, config.eval_batch_size, config.precision, cache)
-    return evaluate(task_model, rows, config.eval_batch_size, config.precision, cache)
+        return evaluate_lm(task_model, rows, config.eval_batch_size, amp, cache)
+    return evaluate(task_model, rows, config.eval_batch_size, amp, cache)
 
 
 def describe(metrics: dict[str, float]) -> str:
@@ -145,7 +148,9 @@ def _gradient_loop(task_model, method, method_config, train, validation, config,
     keep_best = getattr(method, "RESTORE_BEST_EPOCH", True)
     history: list[dict[str, float]] = []
     best_state, best_score, best_epoch, best_val = None, float("-inf"), 0, {}
-    step = 0
+    step, train_clock = 0, 0.0
+    forward = training_forward(task_model, cache)  # forward_batch, or the compiled model (--compile)
+    amp = autocast_precision(task_model, config.precision)
     for epoch in range(1, config.epochs + 1):
         set_train_mode(task_model, frozen_depth)
         batches = train_batches(lengths, config.batch_size, seed=config.seed * 1000 + epoch)
@@ -155,8 +160,8 @@ def _gradient_loop(task_model, method, method_config, train, validation, config,
         optimizer.zero_grad(set_to_none=True)
         for i, idx in enumerate(bar):
             batch = collate([train[j] for j in idx], task_model.tokenizer.pad_token_id, device)
-            with autocast_for(device, config.precision):
-                loss = forward_batch(task_model, batch, cache).loss
+            with autocast_for(device, amp):
+                loss = forward(batch).loss
                 total = loss if extra_loss is None else loss + extra_loss(task_model, method_config)
             (total.float() / config.grad_accum).backward()
             epoch_loss += loss.item() * len(idx)
@@ -172,8 +177,10 @@ def _gradient_loop(task_model, method, method_config, train, validation, config,
                 optimizer.zero_grad(set_to_none=True)
             bar.set_postfix(loss=f"{epoch_loss / seen:.4f}",
                             ex_s=f"{seen / (time.perf_counter() - epoch_start):.1f}")
+        train_clock += time.perf_counter() - epoch_start
         val = validate(task_model, validation, config, cache)
-        history.append({"epoch": epoch, "train_loss": epoch_loss / max(1, seen), **val})
+        history.append({"epoch": epoch, "train_loss": epoch_loss / max(1, seen), **val,
+                        "train_seconds": train_clock})  # time in training steps so far, evaluation excluded
         if config.progress:
             tqdm.write(f"epoch {epoch}: train loss {epoch_loss / max(1, seen):.4f}, validation {describe(val)}")
         score = val["accuracy"] if "accuracy" in val else -val["loss"]  # LM tasks: the lowest loss wins

@@ -16,6 +16,7 @@ from deltatune.config import TrainConfig
 from deltatune.data import GENERATION, TaskData
 from deltatune.delta import delta_size_bytes, save_delta
 from deltatune.errors import UserError
+from deltatune.fast import prepare_for_training
 from deltatune.generation import encode_lm, is_seq2seq
 from deltatune.memory import PeakMemory
 from deltatune.methods import resolve_method
@@ -64,6 +65,7 @@ def run_train_job(job: TrainJob, out: str | Path) -> dict[str, Any]:
                                                                 job.prompt.verbalizer)) if prompted else None
     task_model.label_names = list(task.label_names)
     method.apply(task_model, method_config)
+    fast = prepare_for_training(task_model, config)  # bf16 frozen weights, attention, dropout, compile
     trainable, total = count_parameters(task_model.module)
     tok = task_model.tokenizer
     rows_of = partial(encode_lm, seq2seq=is_seq2seq(task_model)) if lm else encode
@@ -88,7 +90,8 @@ def run_train_job(job: TrainJob, out: str | Path) -> dict[str, Any]:
         "train_seconds": result.train_seconds,
         "train_examples_per_second": result.train_examples_per_second,
         "inference_ms_per_example": test["inference_ms_per_example"],
-        "precision": config.precision,
+        "precision": fast.precision,
+        "fast_path": fast.to_dict(),
         "device": str(device),
         "frozen_prefix_cache": result.cache,
         "train_examples": len(train_rows),

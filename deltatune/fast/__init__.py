@@ -1,0 +1,158 @@
+"""The fast training path: what runs between `method.apply` and the training loop.
+
+    method.apply(task_model)                 the method's modules, the final requires_grad flags
+        │
+    prepare(task_model, train_config)
+        ├─ dropout      the backbone's own dropout layers set to --dropout (auto: 0, see README)
+        ├─ precision    --precision bf16: frozen weights stored in bf16, trainable ones fp32 (precision.py)
+        ├─ fused q/k/v  frozen q, k, v projections of a layer as one matmul (fused.py)
+        ├─ attention    --attention auto: explicit matmul + fp32 softmax on the CPU, SDPA on CUDA
+        └─ compile      --compile: torch.compile of the training forward (widths padded to buckets)
+        │
+    train_model(...)                         unchanged: AdamW on the fp32 trainable parameters
+
+Every method goes through it: the transformations are generic (module types, frozen vs trainable
+parameters, modules loaded vs added by a method), parameter names never change, so deltas saved
+from a fast-trained model load on the plain fp32 path and export to peft as before.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from deltatune.backbone import TaskModel
+from deltatune.errors import UserError
+from deltatune.fast import attention as attention_impl
+from deltatune.fast.fused import fuse_qkv
+from deltatune.fast.precision import PRECISIONS, resolve_precision, to_bf16_compute
+
+DEFAULT_DROPOUT = 0.0
+"""What --dropout auto means (measured on rotten-tomatoes, README "Fast path"): no validation loss."""
+COMPILE_BUCKET = 32
+"""With --compile, batch widths are padded up to a multiple of this, so few shapes are compiled."""
+
+
+@dataclass
+class FastPath:
+    """What `prepare` did; recorded in the metrics of a run (`fast_path`)."""
+
+    precision: str
+    attention: str
+    dropout: float | None
+    """The backbone's dropout rate during training (None: the checkpoint's own rates)."""
+    compile: bool = False
+    fused_layers: int = 0
+    """Layers whose frozen q/k/v projections run as one matmul."""
+    bf16_modules: int = 0
+    bf16_mb: float = 0.0
+    untouched: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_dropout(value: str | float | None) -> float | None:
+    """--dropout: auto (DEFAULT_DROPOUT), model (the checkpoint's rates: None) or a rate in [0, 1)."""
+    if value in (None, "model"):
+        return None
+    if value == "auto":
+        return DEFAULT_DROPOUT
+    try:
+        rate = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"--dropout must be auto, model or a number in [0, 1), not '{value}'") from None
+    if not 0 <= rate < 1:
+        raise UserError(f"--dropout must be in [0, 1), not {rate}")
+    return rate
+
+
+def set_dropout(task_model: TaskModel, rate: float) -> int:
+    """Set every dropout of the loaded backbone and head (not a method's own) to `rate`; returns how many."""
+    count = 0
+    for sub in task_model.module.modules():
+        if sub not in task_model.loaded_modules:
+            continue
+        if isinstance(sub, nn.Dropout):
+            sub.p = rate
+            count += 1
+        elif isinstance(getattr(sub, "attention_dropout", None), float):  # Llama-style attention modules
+            sub.attention_dropout = rate
+            count += 1
+    return count
+
+
+def prepare(task_model: TaskModel, precision: str = "auto", attention: str = "auto",
+            dropout: str | float | None = "auto", compile: bool = False, fuse: bool = True,
+            ) -> FastPath:  # noqa: A002
+    """Apply the fast path to a task model whose method is applied; returns what was done."""
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{precision}'")
+    if attention not in attention_impl.CHOICES:
+        raise UserError(f"--attention must be one of {', '.join(attention_impl.CHOICES)}, not '{attention}'")
+    device = task_model.device()
+    rate = parse_dropout(dropout)
+    if rate is not None:
+        set_dropout(task_model, rate)
+    resolved = resolve_precision(precision, device)
+    info = FastPath(precision=resolved, attention="model", dropout=rate, compile=compile)
+    if resolved == "bf16":
+        report = to_bf16_compute(task_model)
+        info.bf16_modules, info.bf16_mb, info.untouched = report.bf16_modules, report.bf16_mb, report.untouched
+    if fuse:
+        info.fused_layers = fuse_qkv(task_model)
+    info.attention = attention_impl.set_attention(task_model.module, attention_impl.resolve(attention, device))
+    task_model.module.fast_path = info
+    return info
+
+
+def prepare_for_training(task_model: TaskModel, config) -> FastPath:
+    """`prepare` with a TrainConfig's --precision, --attention, --dropout and --compile."""
+    return prepare(task_model, config.precision, config.attention, config.dropout, config.compile)
+
+
+def active(task_model: TaskModel) -> FastPath | None:
+    return getattr(task_model.module, "fast_path", None)
+
+
+def autocast_precision(task_model: TaskModel, precision: str) -> str:
+    """The precision to hand to `evaluate.autocast_for`: none (fp32) once the model carries its own dtypes."""
+    return "fp32" if active(task_model) is not None else precision
+
+
+def pad_width(batch: dict, multiple: int, pad_id: int) -> dict:
+    """Right-pad a collated batch's (B, T) tensors to a width that is a multiple of `multiple`."""
+    width = batch["input_ids"].shape[1]
+    extra = -width % multiple
+    if extra == 0:
+        return batch
+    fills = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0, "labels": -100}
+    out = dict(batch)
+    for key, fill in fills.items():
+        value = batch.get(key)
+        if torch.is_tensor(value) and value.dim() == 2 and value.shape[1] == width:  # not class labels (B,)
+            out[key] = torch.nn.functional.pad(value, (0, extra), value=fill)
+    return out
+
+
+def training_forward(task_model: TaskModel, cache=None) -> Callable[[dict], Any]:
+    """batch -> model output for the training loop: `forward_batch`, or with --compile (and no frozen-
+    prefix cache, whose rows change shape) the compiled model on widths padded to COMPILE_BUCKET."""
+    from deltatune.evaluate import forward_batch
+
+    info = active(task_model)
+    if info is None or not info.compile or cache is not None:
+        return functools.partial(forward_batch, task_model, cache=cache)
+    compiled = torch.compile(task_model.module, dynamic=False)
+    pad_id = task_model.tokenizer.pad_token_id
+
+    def forward(batch: dict):
+        inputs = pad_width({k: v for k, v in batch.items() if k != "keys"}, COMPILE_BUCKET, pad_id)
+        return compiled(**inputs)
+
+    return forward

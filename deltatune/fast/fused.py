@@ -1,0 +1,91 @@
+"""Fused projections: the frozen q, k and v of one layer read the same input, so compute them as one matmul.
+
+    x ──> W_q ──> q                       x ──> [W_q; W_k; W_v] ──> [q | k | v]   one (N, k) × (k, Σd) matmul
+    x ──> W_k ──> k           becomes            (views: W_q, W_k, W_v keep their storage and names)
+    x ──> W_v ──> v
+
+The modules stay where they are, with the same parameter names (their weights become views into
+the fused matrix, so no memory is added), and a method's wrappers around them (LoRA's `base_layer`,
+IA3's scaled outputs, a prefix cache) see the same outputs as before. The first member called with
+an input computes all three outputs; the other two take theirs if they are called with the same
+tensor, else (cross-attention, a changed input) they compute their own slice alone. Only frozen
+projections fuse: a trainable weight (full fine-tuning) keeps its own parameter.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deltatune.backbone import TaskModel
+
+
+class FusedGroup:
+    """One matmul for several frozen linear layers that share an input."""
+
+    def __init__(self, members: list[nn.Linear]):
+        self.sizes = [m.out_features for m in members]
+        self.weight = torch.cat([m.weight.detach() for m in members])  # (Σ out, in)
+        biases = [m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features) for m in members]
+        self.bias = torch.cat(biases) if any(m.bias is not None for m in members) else None  # (Σ out,)
+        offsets = [sum(self.sizes[:i]) for i in range(len(members))]
+        for m, start, size in zip(members, offsets, self.sizes):  # the members' weights become views
+            m.weight.data = self.weight[start:start + size]
+            if m.bias is not None:
+                m.bias.data = self.bias[start:start + size]
+        self._input: torch.Tensor | None = None
+        self._outputs: tuple[torch.Tensor, ...] = ()
+        self._pending: set[int] = set()
+
+    def output(self, member: nn.Linear, index: int, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, T, in) -> (B, T, sizes[index])
+        if x is not self._input or index not in self._pending:  # a new input: compute every member's output
+            w = self.weight
+            out = F.linear(x.to(w.dtype), w, None if self.bias is None else self.bias)  # (B, T, Σ out)
+            self._input, self._outputs = x, out.split(self.sizes, dim=-1)
+            self._pending = set(range(len(self.sizes)))
+        self._pending.discard(index)
+        result = self._outputs[index]
+        if not self._pending:  # every member has its output: hold no reference to activations
+            self._input, self._outputs = None, ()
+        return result
+
+
+class FusedLinear(nn.Linear):
+    """A member of a FusedGroup: an nn.Linear (same parameters) whose output comes from the group."""
+
+    fused_group: FusedGroup
+    fused_index: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused_group.output(self, self.fused_index, x)
+
+
+def base_linear(module: nn.Module) -> nn.Module:
+    """The frozen layer under a method's wrappers (`base_layer`, as peft names it)."""
+    while hasattr(module, "base_layer"):
+        module = module.base_layer
+    return module
+
+
+def fuse_qkv(task_model: TaskModel) -> int:
+    """Fuse the frozen q/k/v projections of every layer; returns how many layers were fused."""
+    arch = task_model.arch
+    if arch.query is None or arch.key is None or arch.value is None:
+        return 0  # already fused (GPT-2's c_attn)
+    fused = 0
+    for layer in task_model.layers():
+        members = [base_linear(layer.get_submodule(path)) for path in (arch.query, arch.key, arch.value)]
+        if not all(isinstance(m, nn.Linear) and m in task_model.loaded_modules for m in members):
+            continue
+        params = [p for m in members for p in m.parameters(recurse=False)]
+        if any(p.requires_grad for p in params) or len({p.dtype for p in params}) != 1 \
+                or len({m.in_features for m in members}) != 1:
+            continue
+        group = FusedGroup(members)
+        for index, m in enumerate(members):
+            m.__class__ = FusedLinear
+            m.fused_group, m.fused_index = group, index
+        fused += 1
+    return fused
