@@ -153,10 +153,10 @@ def import_peft(peft_dir: str | Path, out: str | Path, model: str | None = None,
     adapter_config, tensors = read_peft_dir(folder)
     peft_type = str(adapter_config.get("peft_type", ""))
     method = method_for_peft_type(peft_type)
-    task_type = adapter_config.get("task_type") or "SEQ_CLS"
+    task_type = adapter_config.get("task_type")
     if task_type not in POOLING_FOR_TASK_TYPE:
-        raise UserError(f"cannot import a peft adapter of task_type '{task_type}': supported: "
-                        f"{', '.join(POOLING_FOR_TASK_TYPE)}")
+        raise UserError(f"cannot import a peft adapter of task_type '{task_type}' (a classifier or a language "
+                        f"model is needed): supported: {', '.join(POOLING_FOR_TASK_TYPE)}")
     pooling = POOLING_FOR_TASK_TYPE[task_type]
     head, method_tensors = _split_head(tensors, adapter_config.get("modules_to_save"))
     label_names = _label_names(folder, labels, head) if pooling == "hf" else []

@@ -153,6 +153,9 @@ def test_import_errors_are_one_line(tiny_dir, tmp_path):
     (peft_dir / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "VERA"}))
     with pytest.raises(UserError, match="cannot import peft type 'VERA'"):
         import_peft(peft_dir, tmp_path / "out", model=tiny_dir("bert"))
+    (peft_dir / "adapter_config.json").write_text(json.dumps({**config, "task_type": None}))
+    with pytest.raises(UserError, match="task_type 'None'"):
+        import_peft(peft_dir, tmp_path / "out", model=tiny_dir("bert"))
     (peft_dir / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(UserError, match="use_dora"):
         import_peft(peft_dir, tmp_path / "out", model=tiny_dir("bert"))
