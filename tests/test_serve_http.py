@@ -67,6 +67,36 @@ class ServerProcess:
         self.log.close()
 
 
+class InProcessServer:
+    """A real uvicorn server in a thread of this process, serving `engine` (for tests that inspect it)."""
+
+    def __init__(self, engine, registry: Path, admin_token: str | None = None):
+        import uvicorn
+
+        from deltatune.serve.app import create_app
+        from deltatune.serve.batcher import Batcher
+        from deltatune.serve.registry import Registry
+        from deltatune.serve.server import Server
+
+        self.server = Server(engine, Registry(registry), admin_token=admin_token)
+        self.batcher = Batcher(engine, max_wait_ms=2).start()
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.uvicorn = uvicorn.Server(uvicorn.Config(create_app(self.server, self.batcher), host="127.0.0.1",
+                                                     port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.uvicorn.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert self.uvicorn.started, "uvicorn did not start"
+
+    def stop(self) -> None:
+        self.uvicorn.should_exit = True
+        self.thread.join(10)
+        self.batcher.stop()
+
+
 @pytest.fixture(scope="module")
 def setup(tiny_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-http")
@@ -191,7 +221,7 @@ def test_server_a(setup, server_a):
 
 def test_restart_keeps_registry_admin_disabled_and_overload(setup, server_a):
     server_a.stop()  # the module fixture's second stop() is harmless
-    server = ServerProcess(setup["registry"], setup["root"] / "b.log", "--max-queue", "4",
+    server = ServerProcess(setup["registry"], setup["root"] / "b.log", "--max-queue", "4", "--max-items", "4",
                            "--max-batch-size", "64", "--max-wait-ms", "1500")
     try:
         client = httpx.Client(base_url=server.url, timeout=30)
@@ -215,3 +245,30 @@ def test_restart_keeps_registry_admin_disabled_and_overload(setup, server_a):
         assert 'deltatune_rejected_total{reason="overload"} 1' in client.get("/metrics").text
     finally:
         server.stop()
+
+
+def test_generate_over_http(tiny_dir, tmp_path):
+    from deltatune.serve.engine import Engine
+
+    model = tiny_dir("llama")
+    engine = Engine(model, device="cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    server = InProcessServer(engine, tmp_path / "registry", admin_token=TOKEN)
+    try:
+        client = httpx.Client(base_url=server.url, timeout=30)
+        for name, method in (("chat-lora", "lora"), ("chat-prompt", "prompt")):
+            path = make_delta(tmp_path / name, model, method, pooling="lm", labels=(), kind="generation")
+            assert client.put(f"/v1/tasks/{name}", json={"path": str(path)}, headers=admin()).status_code == 200
+        items = [("chat-lora", "hi how are you"), ("chat-prompt", "good movie"), ("chat-lora", "what")]
+        response = client.post("/v1/generate", json={"items": [{"task": t, "text": x} for t, x in items],
+                                                     "max_new_tokens": 5})
+        assert response.status_code == 200, response.text
+        assert response.json()["results"] == engine.generate([(t, x, 5) for t, x in items])
+        wrong_kind = client.post("/v1/tasks/chat-lora/predict", json={"text": "hi"})
+        assert wrong_kind.status_code == 422 and "generation task" in wrong_kind.json()["detail"]
+        assert client.post("/v1/generate", json={"items": [{"task": "chat-lora", "text": "hi"}],
+                                                 "max_new_tokens": 0}).status_code == 422
+    finally:
+        server.stop()
+        torch.set_num_threads(threads)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import threading
-import time
 
 import pytest
 import torch
@@ -36,37 +34,21 @@ def chromium_paths() -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def server_url(tiny_dir, tmp_path_factory):
-    import uvicorn
-    from test_serve_http import free_port
+    from test_serve_http import InProcessServer
 
-    from deltatune.serve.app import create_app
-    from deltatune.serve.batcher import Batcher
     from deltatune.serve.engine import Engine
-    from deltatune.serve.registry import Registry
-    from deltatune.serve.server import Server
 
     root = tmp_path_factory.mktemp("serve-page")
     model = tiny_dir("bert")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     engine = Engine(model, device="cpu")
-    server = Server(engine, Registry(root / "registry"), admin_token="t")
-    server.register("sentiment", str(make_delta(root / "sentiment", model, "lora", seed=1)))
-    server.register("topic", str(make_delta(root / "topic", model, "bitfit", labels=("sport", "tech", "vote"),
-                                            seed=2)))
-    batcher = Batcher(engine, max_wait_ms=2).start()
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(create_app(server, batcher), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert uv.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}", engine
-    uv.should_exit = True
-    thread.join(10)
-    batcher.stop()
+    server = InProcessServer(engine, root / "registry")
+    server.server.register("sentiment", str(make_delta(root / "sentiment", model, "lora", seed=1)))
+    server.server.register("topic", str(make_delta(root / "topic", model, "bitfit", labels=("sport", "tech", "vote"),
+                                                   seed=2)))
+    yield server.url, engine
+    server.stop()
     torch.set_num_threads(threads)
 
 

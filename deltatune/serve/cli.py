@@ -6,6 +6,7 @@ import os
 import sys
 from dataclasses import dataclass
 
+from deltatune.errors import UserError
 from deltatune.serve.app import Limits
 
 
@@ -30,7 +31,7 @@ def serve(*, registry: str, port: int = 8000, model: str | None = None, host: st
         registry: Registry directory (delta copies + catalog.sqlite); created if missing, kept across restarts.
         port: TCP port.
         model: Backbone folder or alias (default: the registry's model, else the packaged all-MiniLM-L6-v2).
-        host: Interface to bind (default: loopback only).
+        host: Interface to bind; the default keeps the server to this machine.
         device: auto, cpu or cuda.
         threads: torch intra-op threads (default: torch's choice).
     """
@@ -43,6 +44,11 @@ def serve(*, registry: str, port: int = 8000, model: str | None = None, host: st
     from deltatune.serve.server import Server
     from deltatune.workflow import set_threads
 
+    if limits.max_items > batching.max_queue:
+        raise UserError(f"--max-items {limits.max_items} exceeds --max-queue {batching.max_queue}: "
+                        "such a request could never be queued")
+    if not 0 < port < 65536:
+        raise UserError(f"--port {port} is not a TCP port")
     set_threads(threads)
     store = Registry(registry)
     engine = Engine(model or store.setting("model"), device=device)
