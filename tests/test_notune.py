@@ -331,3 +331,38 @@ def test_cli_train_icl_with_shots(tiny_dir, toy_csv, tmp_path, capsys):
         main(common + ["--template", "no text here {label}", "--out", str(tmp_path / "e")])
     assert exit_info.value.code == 2 and "exactly once" in capsys.readouterr().err
     assert not Path(tmp_path / "e").exists()
+
+
+# the real models -------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_smollm2_few_shot_cached_equals_full_and_predicts_labels():
+    from deltatune.methods.icl import Config
+    from deltatune.notune.icl import ICL
+
+    torch.set_num_threads(2)
+    task = load_task("rotten-tomatoes", train_size=200, test_size=6)
+    lm = load_language_model("smollm2")
+    spec = prompt_spec(task.name, task.label_names, task.description)
+    scores = {}
+    for cached in (True, False):
+        icl = ICL(lm, spec, Config(shots=2, calibrate=True), use_cache=cached)
+        icl.fit(task.train, seed=0)
+        scores[cached] = icl.scores(task.test)
+    assert icl.stats["shots_used"] == 2 and icl.stats["prefix_tokens"] > 20
+    assert torch.allclose(scores[True], scores[False], atol=1e-4)
+    assert torch.allclose(scores[True].exp().sum(-1), torch.ones(len(task.test)), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_bbc_titles_find_their_articles():
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / "bbc_retrieval.py"
+    spec = importlib.util.spec_from_file_location("bbc_retrieval", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    result = bench.evaluate(per_topic=10)  # 50 articles, their titles removed from the index
+    assert result["second_build"]["unchanged"] == 25 and result["second_build"]["added"] == 25
+    assert result["recall@5"] >= 0.8, result
