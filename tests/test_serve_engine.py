@@ -280,3 +280,36 @@ def test_mixed_generation_equals_each_task_alone(tiny_dir, tmp_path, kind):
         assert mixed[b] == new
         for step, expected in enumerate(logits):
             assert (step_logits[step][b] - expected).abs().max() <= TOL
+
+
+def test_verbalizer_objective_served(tiny_dir, tmp_path):
+    """PET / LM-BFF deltas: texts go through the task's template, the head is the LM head's label words."""
+    from deltatune.notune.label_head import attach_label_head
+    from deltatune.notune.templates import prompt_spec
+
+    model = tiny_dir("gpt2")
+    paths = {}
+    for seed, method in enumerate(("lora", "prompt")):
+        task_model = load_task_model(model, 2, "last")
+        task_model.label_names = ["neg", "pos"]
+        spec = prompt_spec("toy", ["neg", "pos"], "", "Review: {text} Sentiment: {label}", "neg=bad,pos=good")
+        prompt_meta = attach_label_head(task_model, spec.to_dict())
+        module, config = resolve_method(method, OPTIONS.get(method, {}))
+        module.apply(task_model, config)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in task_model.module.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=generator) * 0.3)
+        meta = {"task": {"name": method, "kind": "classification", "label_names": ["neg", "pos"]},
+                "train_config": {"max_length": 32}, "head_names": [], "prompt": prompt_meta}
+        paths[method] = save_delta(tmp_path / method, task_model, module, config, meta)
+    engine = Engine(model, device="cpu")
+    for name, path in paths.items():
+        assert engine.add_task(name, path).group == "shared"
+    items = [(name, text) for text in TEXTS for name in paths]
+    results = engine.classify(items)
+    for name, path in paths.items():
+        reference = reference_logits(path, model, TEXTS)
+        got = torch.tensor([r["logits"] for (n, _), r in zip(items, results) if n == name])
+        assert (got - reference).abs().max() <= TOL
