@@ -37,7 +37,7 @@ from deltatune.serve.routing import (
     splice_soft_tokens,
     structural_clone,
 )
-from deltatune.serve.task import OWN, SHARED, ServedTask, SharedBackbone, build_task, read_lm_head
+from deltatune.serve.task import OWN, SHARED, ServedTask, SharedBackbone, build_task, shared_lm_head
 
 
 class UnknownTask(UserError):
@@ -75,7 +75,7 @@ class Engine:
         base = load_task_model(model, num_labels=1, pooling="mean", device=self.device)
         self.shared = SharedBackbone(module=base.backbone, tokenizer=base.tokenizer, arch=base.arch,
                                      model_path=base.model_path, fingerprint=base.fingerprint, device=self.device)
-        self.shared.lm_head = read_lm_head(base.model_path, base.backbone) if base.arch.is_decoder else None
+        self.shared.lm_head = shared_lm_head(base) if base.arch.is_decoder else None
         self.mixed = structural_clone(base.backbone).eval()  # routers go here, never into the backbone
         self.tasks: dict[str, ServedTask] = {}
         self.routers: dict[tuple[str, str], RowRouter] = {}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -237,25 +236,18 @@ def build_task(shared: SharedBackbone, name: str, path: str | Path, meta: dict,
     return task
 
 
-def read_lm_head(model_path: str, backbone: nn.Module) -> nn.Module | None:
-    """The pretrained LM head: the input embeddings when tied, else `lm_head.weight` from the checkpoint."""
-    config = backbone.config
-    emb = backbone.get_input_embeddings()
-    head = nn.Linear(emb.weight.shape[1], emb.weight.shape[0], bias=False, device="meta")
-    if getattr(config, "tie_word_embeddings", False):
-        head.weight = emb.weight
-        return head
-    from safetensors import safe_open
+def shared_lm_head(base: TaskModel) -> nn.Module | None:
+    """The pretrained LM head around the shared weight (the input embeddings when tied, else the
+    checkpoint's lm_head.weight, read once), or None when the model has none."""
+    from deltatune.notune.label_head import lm_head_weight
 
-    folder = Path(model_path)
-    index = folder / "model.safetensors.index.json"
-    file = folder / json.loads(index.read_text())["weight_map"].get("lm_head.weight", "") if index.exists() \
-        else folder / "model.safetensors"
-    if not file.is_file():
+    try:
+        weight = lm_head_weight(base)
+    except UserError:
         return None
-    with safe_open(str(file), "pt") as f:
-        if "lm_head.weight" not in f.keys():
-            return None
-        weight = f.get_tensor("lm_head.weight")
-    head.weight = nn.Parameter(weight.to(emb.weight.device, emb.weight.dtype), requires_grad=False)
+    if not isinstance(weight, nn.Parameter):
+        emb = base.backbone.get_input_embeddings().weight
+        weight = nn.Parameter(weight.to(emb.device, emb.dtype), requires_grad=False)
+    head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    head.weight = weight
     return head
