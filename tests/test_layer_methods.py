@@ -1,7 +1,6 @@
 """adapter (serial, parallel), ia3 and mam on tiny BERT / Llama / GPT-2: what trains, identity at
 init, the formulas, save -> load, learning, gradient checkpointing, and IA3 parity with peft."""
 
-import copy
 import json
 
 import pytest
@@ -12,8 +11,7 @@ from safetensors.torch import load_file
 from deltatune.backbone import load_task_model
 from deltatune.delta import load_delta, save_delta
 from deltatune.methods import REGISTRY, adapter, ia3, resolve_method
-from deltatune.methods.base import build_config
-from deltatune.peft_format import export_peft
+from deltatune.peft_format import export_peft, import_peft
 
 KINDS = ["bert", "llama", "gpt2"]
 CASES = {
@@ -198,23 +196,32 @@ def test_ia3_export_to_peft_gives_the_same_logits(tiny_dir, tmp_path, kind):
     task_model, method, config = prepared(tiny_dir, kind, "ia3")
     base = load_task_model(tiny_dir(kind), num_labels=2).module
     perturb(task_model)
+    inputs = batch(task_model)
+    trained = logits(task_model, inputs)
+    for module in task_model.module.modules():
+        if isinstance(module, ia3.IA3Linear):
+            module.active_adapter = None
+    assert (logits(task_model, inputs) - trained).abs().max() > 1e-3  # the vectors themselves matter
+    for module in task_model.module.modules():
+        if isinstance(module, ia3.IA3Linear):
+            module.active_adapter = "default"
     save_delta(tmp_path / "delta", task_model, method, config, {"head_names": task_model.head_names})
     export_peft(tmp_path / "delta", tmp_path / "peft")
     peft_model = PeftModel.from_pretrained(base, str(tmp_path / "peft"))
     peft_model.eval()
-    inputs = batch(task_model)
     with torch.no_grad():
         expected = peft_model(**inputs).logits
-    assert (logits(task_model, inputs) - expected).abs().max() <= 1e-4
+    assert (trained - expected).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("kind", ["bert", "llama"])
 def test_ia3_import_from_peft_gives_the_same_logits(tiny_dir, tmp_path, kind):
-    """peft's default IA3 targets (BERT: key, value and every `output.dense`, input-scaled)."""
+    """peft's default IA3 targets (BERT: key, value and every `output.dense`, input-scaled), through
+    `deltatune import` (peft_format.import_peft -> ia3.from_peft) and load_delta."""
     from peft import IA3Config, get_peft_model
 
     base = load_task_model(tiny_dir(kind), num_labels=2).module
-    peft_model = get_peft_model(copy.deepcopy(base), IA3Config(task_type="SEQ_CLS"))
+    peft_model = get_peft_model(base, IA3Config(task_type="SEQ_CLS"))
     gen = torch.Generator().manual_seed(2)
     for _, p in sorted(peft_model.named_parameters()):
         if p.requires_grad:
@@ -223,15 +230,14 @@ def test_ia3_import_from_peft_gives_the_same_logits(tiny_dir, tmp_path, kind):
     peft_model.eval()
     adapter_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     options, tensors = ia3.from_peft(adapter_config, load_file(tmp_path / "peft" / "adapter_model.safetensors"))
-    task_model = load_task_model(tiny_dir(kind), num_labels=2)
-    ia3.apply(task_model, build_config(ia3.Config, options))
-    own = {n for n, p in task_model.module.named_parameters() if p.requires_grad}
-    assert own == set(tensors)
-    task_model.module.load_state_dict(tensors, strict=False)
-    inputs = batch(task_model)
+    assert len(options["feedforward_modules"]) == (4 if kind == "bert" else 2)
+    import_peft(tmp_path / "peft", tmp_path / "delta", model=tiny_dir(kind), labels="neg,pos")
+    loaded = load_delta(tmp_path / "delta")
+    assert loaded.meta["method"] == "ia3"
+    inputs = batch(loaded.task_model)
     with torch.no_grad():
         expected = peft_model(**inputs).logits
-    assert (logits(task_model, inputs) - expected).abs().max() <= 1e-4
+    assert (logits(loaded.task_model, inputs) - expected).abs().max() <= 1e-4
 
 
 @pytest.mark.skipif("mam" not in REGISTRY, reason="mam needs methods/prefix.py")
