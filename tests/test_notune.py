@@ -276,6 +276,20 @@ def test_index_cli_build_and_query(tiny_dir, tmp_path, capsys, monkeypatch):
     assert exit_info.value.code == 2
 
 
+
+def test_ask_puts_the_retrieved_chunks_that_fit_into_the_prompt(tiny_dir, lms, tmp_path):
+    from deltatune.notune.ask import answer, search
+
+    enc = TextEncoder(tiny_dir("bert"))
+    index = VectorIndex(enc.info)
+    index.add_documents([Document(f"d{i}", f"the team won the match {'and the goal ' * i}") for i in range(4)], enc)
+    index.save(tmp_path / "idx")
+    hits = search(str(tmp_path / "idx"), "who won the match", k=4, encoder=tiny_dir("bert"), device="cpu")
+    assert len(hits) == 4 and hits[0].score >= hits[-1].score
+    text, used, prompt_tokens = answer(lms["gpt2"], "who won the match", hits, max_new_tokens=4, max_prompt_tokens=40)
+    assert isinstance(text, str) and 0 < len(used) < 4 and prompt_tokens <= 40
+    assert used == hits[:len(used)]  # the lowest-ranked chunks are the ones dropped
+
 # the verbalizer objective (PET / LM-BFF) ----------------------------------------------------------------
 
 def test_verbalizer_head_is_the_lm_head_at_the_label_words(tiny_dir):

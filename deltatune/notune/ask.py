@@ -5,7 +5,7 @@
     index query "question" -k 5   question ──> vector ──> the 5 most similar chunks
     ask --index IDX "question"    the top-k chunks go into the decoder's prompt (Lewis et al. 2020, RAG):
 
-        system: answer from the context ── user: "Context:\\n[1] chunk\\n[2] chunk ...\\n\\nQuestion: ..."
+        user: "[1] chunk\\n[2] chunk ...\\n\\nQuestion: ...\\nAnswer in one or two sentences." (chat template)
         ──> greedy generation; chunks are dropped (lowest-ranked first) until the prompt fits
 """
 
@@ -17,8 +17,7 @@ from pathlib import Path
 from deltatune.errors import UserError
 from deltatune.notune.index import META_FILE, Hit, VectorIndex
 
-SYSTEM = ("Answer the question using only the numbered context passages. If they do not contain the "
-          "answer, say that you do not know.")
+INSTRUCTION = "Answer in one or two sentences."
 
 
 def _encoder(path: str | None, device: str):
@@ -82,20 +81,20 @@ def search(index: str, question: str, k: int, encoder: str | None = None, device
     return store.query(_encoder(encoder or store.encoder_info["path"], device), [question], k)[0]
 
 
-def rag_messages(question: str, hits: list[Hit]) -> list[dict[str, str]]:
+def rag_text(question: str, hits: list[Hit]) -> str:
+    """The numbered passages, then the question (the chat template adds the model's own system prompt)."""
     context = "\n".join(f"[{i}] {hit.text}" for i, hit in enumerate(hits, 1))
-    return [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": f"Context:\n{context}\n\nQuestion: {question}"}]
+    return f"{context}\n\nQuestion: {question}\n{INSTRUCTION}"
 
 
 def rag_prompt_ids(tokenizer, question: str, hits: list[Hit]) -> list[int]:
     """The chat-formatted prompt (or plain text for a tokenizer without a chat template) as ids."""
-    messages = rag_messages(question, hits)
+    content = rag_text(question, hits)
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    text = f"{messages[0]['content']}\n\n{messages[1]['content']}\nAnswer:"
-    return list(tokenizer(text)["input_ids"])
+    return list(tokenizer(f"{content}\nAnswer:")["input_ids"])
 
 
 def answer(lm, question: str, hits: list[Hit], max_new_tokens: int = 160,

@@ -27,6 +27,7 @@ class TextEncoder:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
         logging.getLogger("transformers").setLevel(logging.ERROR)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.model_path = resolve_model_path(model or "minilm")

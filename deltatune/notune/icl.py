@@ -65,6 +65,7 @@ class ICL:
         return self._encoder
 
     def fit(self, train: list[Example], seed: int) -> None:
+        self.fit_examples = len(train) if self.config.shots and self.config.demos == "retrieved" else 0
         if self.config.shots == 0:
             return
         if self.config.demos == "random":

@@ -82,6 +82,7 @@ def run_strategy_job(job, method: ModuleType, config: Any, out: str | Path) -> d
         train_seconds = time.perf_counter() - start
         test = strategy_metrics(strategy, task.test, len(task.label_names))
     total = strategy.total_params()
+    fitted = getattr(strategy, "fit_examples", len(task.train))  # training texts embedded (0: random demos)
     metrics = {
         "method": job.method, "accuracy": test["accuracy"], "macro_f1": test["macro_f1"],
         "validation_accuracy": None, "best_epoch": None,
@@ -89,7 +90,7 @@ def run_strategy_job(job, method: ModuleType, config: Any, out: str | Path) -> d
         "peak_memory_mb": memory.peak_mb, "training_memory_increase_mb": memory.increase_mb,
         "cuda_peak_memory_mb": memory.cuda_peak_mb,
         "train_seconds": train_seconds,
-        "train_examples_per_second": len(task.train) / train_seconds if train_seconds > 0 else None,
+        "train_examples_per_second": fitted / train_seconds if fitted and train_seconds > 0 else None,
         "inference_ms_per_example": test["inference_ms_per_example"],
         "examples_per_second": test["examples_per_second"],
         "precision": train_config.precision, "device": str(device),
