@@ -10,19 +10,26 @@ included everywhere):
 
     single    the engine, every row for one task (same batch size)
     alone     that task's own model (no engine), every row: what a one-task server runs
-    mixed     the engine, rows of N tasks in one batch: one shared pass + each task's head
+    mixed     the engine, rows of N tasks in one batch: shared passes (rows of similar length
+              together, `pass_overhead_tokens`) + each task's head
+    mixed1    the same forced into exactly one shared pass (everything padded to the longest row)
     separate  each task's rows as their own batch, through that task's own model (N passes)
     peft      LoRA only: one PeftModel with N adapters (+ N heads), forward(adapter_names=per row)
 
-Variants take turns (harness.time_interleaved), so background load hits them alike.
+Variants take turns (round-robin, median of rounds), so background load hits them alike. With
+`--clock cpu` (the default) a step is timed by the CPU time this process used (one torch thread:
+the compute itself), which other processes on a shared machine barely disturb; `--clock wall` times
+wall-clock seconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -30,7 +37,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from harness import machine_note, time_interleaved  # noqa: E402
+from harness import machine_note  # noqa: E402
 
 from deltatune.backbone import load_task_model, resolve_model_path  # noqa: E402
 from deltatune.batching import collate, encode  # noqa: E402
@@ -92,6 +99,28 @@ def peft_step(n_tasks: int, texts: list[str]):
     return step
 
 
+def time_rounds(builders: dict, rounds: int, clock) -> dict[str, float]:
+    """Median seconds per step of each variant, the variants taking turns (one warm-up step each)."""
+    steps = {name: build() for name, build in builders.items()}
+    for step in steps.values():
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = clock()
+            step()
+            times[name].append(clock() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def one_pass(engine: Engine, items: list[tuple[str, str]]) -> None:
+    overhead, engine.pass_overhead_tokens = engine.pass_overhead_tokens, None
+    try:
+        engine.classify(items)
+    finally:
+        engine.pass_overhead_tokens = overhead
+
+
 def builders(engine: Engine, names: list[str], texts: list[str], kind: str) -> dict:
     n = len(names)
     tasks = [engine.tasks[name] for name in names]
@@ -107,6 +136,7 @@ def builders(engine: Engine, names: list[str], texts: list[str], kind: str) -> d
         "single": lambda: lambda: engine.classify([(names[0], t) for t in texts]),
         "alone": lambda: torch.no_grad()(lambda: own([(tasks[0], texts)])),
         "mixed": lambda: lambda: engine.classify([(names[b % n], t) for b, t in enumerate(texts)]),
+        "mixed1": lambda: lambda: one_pass(engine, [(names[b % n], t) for b, t in enumerate(texts)]),
         "separate": lambda: torch.no_grad()(lambda: own([(tasks[i], texts[i::n]) for i in range(min(n, len(texts)))])),
     }
     if kind == "lora":
@@ -121,14 +151,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     counts = [int(c) for c in args.tasks.split(",")]
     texts = [e.text for e in load_task("rotten-tomatoes", test_size=args.batch_size).test][:args.batch_size]
-    print(f"# serve engine, MiniLM, batch {len(texts)} rotten-tomatoes texts; {machine_note()}")
-    print("| tasks | deltas | single rows/s | alone rows/s | mixed rows/s | mixed/single | mixed/alone | "
-          "separate rows/s | peft rows/s | mixed/peft |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    print(f"# serve engine, MiniLM, batch {len(texts)} rotten-tomatoes texts, {args.clock} clock, median of "
+          f"{args.rounds} rounds; {machine_note()}")
+    print("| tasks | deltas | single rows/s | alone rows/s | mixed rows/s | mixed1 rows/s | mixed/single | "
+          "mixed1/alone | separate rows/s | peft rows/s | mixed/peft | mixed1/peft |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.kinds.split(","):
             methods = [kind if kind != "mix" else MIX[i % len(MIX)] for i in range(max(counts))]
@@ -139,14 +172,15 @@ def main() -> None:
                 for name, path in zip(names, paths):
                     if name not in engine.tasks:
                         engine.add_task(name, path)
-                seconds = time_interleaved(builders(engine, names, texts, kind), rounds=args.rounds, steps=1,
-                                           warmup=1)
+                seconds = time_rounds(builders(engine, names, texts, kind), args.rounds, clock)
                 rate = {k: len(texts) / s for k, s in seconds.items()}
                 peft = f"{rate['peft']:.1f}" if "peft" in rate else "-"
-                vs_peft = f"{rate['mixed'] / rate['peft']:.2f}x" if "peft" in rate else "-"
+                vs_peft = " | ".join(f"{rate[k] / rate['peft']:.2f}x" if "peft" in rate else "-"
+                                     for k in ("mixed", "mixed1"))
                 print(f"| {count} | {kind} | {rate['single']:.1f} | {rate['alone']:.1f} | {rate['mixed']:.1f} | "
-                      f"{rate['mixed'] / rate['single']:.2f}x | {rate['mixed'] / rate['alone']:.2f}x | "
-                      f"{rate['separate']:.1f} | {peft} | {vs_peft} |", flush=True)
+                      f"{rate['mixed1']:.1f} | {rate['mixed'] / rate['single']:.2f}x | "
+                      f"{rate['mixed1'] / rate['alone']:.2f}x | {rate['separate']:.1f} | {peft} | {vs_peft} |",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -142,13 +142,14 @@ def test_every_task_in_one_batch_and_groups_visible(served):
     assert max(worst.values()) <= TOL, worst
     record = served.engine.stats.last
     groups = dict(record.groups)
+    groups["shared"] = sum(n for g, n in record.groups if g == "shared")  # passes of similar lengths
     engine_tasks = served.engine.tasks
     own = {n for n, t in engine_tasks.items() if t.group == "own"}
     expected = {n for n, t in engine_tasks.items() if t.method not in ROUTING or n == "last2"}
     assert own == expected and {"full", "bitfit", "last2"} <= own, {n: t.reason for n, t in engine_tasks.items()}
     assert engine_tasks["bitfit"].reason == "its delta changes backbone weights"
     assert set(groups) == {"shared"} | {f"own:{n}" for n in own}
-    assert groups["shared"] == len(TEXTS) * (len(served.paths) - len(own))  # one pass for all the others
+    assert groups["shared"] == len(TEXTS) * (len(served.paths) - len(own))  # mixed passes for all the others
     assert record.tasks == len(served.paths)
 
 
@@ -313,3 +314,18 @@ def test_verbalizer_objective_served(tiny_dir, tmp_path):
         reference = reference_logits(path, model, TEXTS)
         got = torch.tensor([r["logits"] for (n, _), r in zip(items, results) if n == name])
         assert (got - reference).abs().max() <= TOL
+
+
+def test_one_pass_or_length_buckets_same_logits(served):
+    engine = served.engine
+    items = [(name, text) for name in ("lora", "prompt_b", "prefix", "adapter_b") for text in TEXTS]
+    bucketed = engine.classify(items)
+    assert sum(g == "shared" for g, _ in engine.stats.last.groups) >= 1
+    engine.pass_overhead_tokens = None
+    try:
+        single = engine.classify(items)
+        assert [g for g, _ in engine.stats.last.groups] == ["shared"]
+    finally:
+        engine.pass_overhead_tokens = 128
+    for a, b in zip(bucketed, single):
+        assert max(abs(x - y) for x, y in zip(a["logits"], b["logits"])) <= TOL

@@ -18,6 +18,9 @@ class Batching:
     """Or this long after the oldest queued request arrived."""
     max_queue: int = 256
     """Rows the queue holds; a request that does not fit answers 503 with Retry-After."""
+    pass_overhead_tokens: int = 128
+    """Split a batch's mixed pass into passes of similar lengths when that saves more padded token
+    positions than this per extra pass (0: always one pass; on a GPU, where padding is cheap, raise it)."""
 
 
 ADMIN_TOKEN = "DELTATUNE_ADMIN_TOKEN"
@@ -51,7 +54,8 @@ def serve(*, registry: str, port: int = 8000, model: str | None = None, host: st
         raise UserError(f"--port {port} is not a TCP port")
     set_threads(threads)
     store = Registry(registry)
-    engine = Engine(model or store.setting("model"), device=device)
+    engine = Engine(model or store.setting("model"), device=device,
+                    pass_overhead_tokens=batching.pass_overhead_tokens or None)
     store.set_setting("model", engine.model_path)
     server = Server(engine, store, os.environ.get(ADMIN_TOKEN))
     for warning in server.load_registry():

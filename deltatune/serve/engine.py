@@ -17,6 +17,7 @@ task by task. Library first: `deltatune.serve.app` puts HTTP in front of `Engine
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import Counter
@@ -70,8 +71,11 @@ class EngineStats:
 class Engine:
     """Serve classification (and, on decoders, generation) for many task deltas on one backbone."""
 
-    def __init__(self, model: str | None = None, device: str = "auto"):
+    def __init__(self, model: str | None = None, device: str = "auto", pass_overhead_tokens: int | None = 128):
+        """`pass_overhead_tokens`: the shared group is split into passes of similar length when that
+        saves more padded positions than this per extra pass (None: always one pass)."""
         self.device = pick_device(device)
+        self.pass_overhead_tokens = pass_overhead_tokens
         base = load_task_model(model, num_labels=1, pooling="mean", device=self.device)
         self.shared = SharedBackbone(module=base.backbone, tokenizer=base.tokenizer, arch=base.arch,
                                      model_path=base.model_path, fingerprint=base.fingerprint, device=self.device)
@@ -191,11 +195,24 @@ class Engine:
 
     def _shared_or_retry(self, tasks: list[ServedTask], rows: dict[str, list[Encoded]],
                          record: BatchRecord) -> dict[str, torch.Tensor | Exception]:
+        """The shared group in as few mixed passes as padding allows (`length_buckets`); if one fails,
+        every task of the group reruns alone, so only a failing delta's items fail."""
+        entries = [(t, i, r) for t in tasks for i, r in enumerate(rows[t.name])]
+        lengths = [len(r.input_ids) + t.soft_token_count for t, _, r in entries]
+        out: dict[str, list] = {t.name: [None] * len(rows[t.name]) for t in tasks}
         try:
-            out = self.shared_pass(tasks, rows)
-            record.groups.append((SHARED, sum(len(rows[t.name]) for t in tasks)))
-            self.stats.passes[SHARED] += 1
-            return out
+            for chunk in length_buckets(lengths, self.pass_overhead_tokens):
+                part: dict[str, list[tuple[int, Encoded]]] = {}
+                for k in sorted(chunk):  # a task's rows stay together (one head call per task)
+                    task, i, row = entries[k]
+                    part.setdefault(task.name, []).append((i, row))
+                logits = self.shared_pass([self.tasks[n] for n in part], {n: [r for _, r in v] for n, v in part.items()})
+                for name, v in part.items():
+                    for (i, _), row in zip(v, logits[name]):
+                        out[name][i] = row
+                record.groups.append((SHARED, len(chunk)))
+                self.stats.passes[SHARED] += 1
+            return {name: torch.stack(v) for name, v in out.items()}
         except Exception:  # noqa: BLE001 - one task's delta must not fail the others: retry task by task
             return {t.name: self._alone(t, rows[t.name], record, "retry") for t in tasks}
 
@@ -256,6 +273,26 @@ class Engine:
         finally:
             for router in self.routers.values():
                 router.end()
+
+
+def length_buckets(lengths: list[int], overhead: int | None) -> list[list[int]]:
+    """Row indices split into passes that waste little on padding: longest first, cut where
+    Σ rows × width + overhead × passes is least (`overhead`: one pass's fixed cost in token positions;
+    None: one pass)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    if overhead is None or len(order) < 2:
+        return [order]
+    best, cut = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        for i in range(j):  # rows order[i:j] in one pass, padded to the longest, lengths[order[i]]
+            cost = best[i] + (j - i) * lengths[order[i]] + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    chunks, j = [], len(order)
+    while j > 0:
+        chunks.append(order[cut[j]:j])
+        j = cut[j]
+    return chunks[::-1]
 
 
 def slice_output(output, rows: slice, width: int):
