@@ -313,12 +313,13 @@ def test_verbalizer_head_is_the_lm_head_at_the_label_words(tiny_dir):
     assert len(cut) <= 10 and cut[-3:] == ids[0][-3:]  # truncation cuts the text, never the cue
 
 
-def test_prompt_based_lora_trains_only_lora_and_reloads(tiny_dir, toy_task, tmp_path):
+@pytest.mark.parametrize("name", [m for m in ("lora", "prompt") if m in REGISTRY])
+def test_prompt_based_tuning_trains_only_the_delta_and_reloads(tiny_dir, toy_task, tmp_path, name):
     from deltatune.batching import encode
     from deltatune.delta import load_delta
     from deltatune.evaluate import evaluate
 
-    job = TrainJob("lora", toy_task, model=tiny_dir("gpt2"), train=fast(epochs=1),
+    job = TrainJob(name, toy_task, model=tiny_dir("gpt2"), train=fast(epochs=1),
                    prompt=PromptArgs(objective="verbalizer", template=CUE_TEMPLATE, verbalizer=TOY_WORDS))
     metrics = run_train_job(job, tmp_path / "pet")
     loaded = load_delta(tmp_path / "pet")
@@ -326,7 +327,7 @@ def test_prompt_based_lora_trains_only_lora_and_reloads(tiny_dir, toy_task, tmp_
     from safetensors.torch import load_file
 
     tensors = load_file(str(tmp_path / "pet" / "delta.safetensors"))
-    assert tensors and all(".lora_" in name for name in tensors)  # no classification head in the delta
+    assert tensors and not any(n.startswith("classifier.") for n in tensors)  # no classification head
     assert metrics["trainable_params"] == sum(t.numel() for t in tensors.values())
     rows = encode(loaded.task_model.tokenizer, toy_task.test, 8, "test")
     assert evaluate(loaded.task_model, rows)["accuracy"] == metrics["accuracy"]

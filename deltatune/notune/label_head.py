@@ -42,6 +42,9 @@ class TemplateTokenizer:
     def __getattr__(self, name: str):
         return getattr(self.tokenizer, name)
 
+    def __len__(self) -> int:  # dunder methods are not found through __getattr__
+        return len(self.tokenizer)
+
     def _cut(self, text: str, max_tokens: int) -> str:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return text if len(ids) <= max_tokens else self.tokenizer.decode(ids[:max(0, max_tokens)])
