@@ -123,32 +123,44 @@ def unexplained(top: nn.Module, base_name: str, backbone: nn.Module, routing: Ro
 
 # ---- per-row tables ------------------------------------------------------------------------------------
 
-def gather_rows(tensors: list[torch.Tensor], rows: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-    """(B, *shape): row b gets tensors[rows[b] - 1], zero-padded to the largest shape; rows[b] = 0: fill."""
+def stack_padded(tensors: list[torch.Tensor], fill: float) -> torch.Tensor:
+    """(1 + N, *shape): entry 0 is `fill` (rows without a delta), entry i is tensors[i - 1] zero-padded
+    to the largest shape (zero-padded LoRA ranks and adapter bottlenecks add exactly nothing)."""
     shape = [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())]
-    table = tensors[0].new_full((len(tensors) + 1, *shape), fill)
+    table = tensors[0].new_zeros((len(tensors) + 1, *shape))
+    table[0] = fill
     for i, t in enumerate(tensors, 1):
         table[(i, *(slice(0, s) for s in t.shape))] = t
-    return table[rows]
+    return table
 
 
 class RowRouter(nn.Module):
-    """A module of the mixed tree plus, per task, that task's delta tensors at this place."""
+    """A module of the mixed tree plus, per task, that task's delta tensors at this place.
+
+    Each task's payload is a tuple of tensors; they are stacked once into tables (rebuilt only when a
+    task comes or goes), and a batch gathers its rows from them with one index."""
+
+    FILL: tuple[float, ...] = ()
+    """Per payload tensor: the value of rows whose task has no delta here (the identity)."""
 
     def __init__(self, inner: nn.Module, key: str):
         super().__init__()
         self.inner = inner
         self.key = key
-        self.entries: dict[str, Any] = {}
+        self.entries: dict[str, tuple[torch.Tensor, ...]] = {}
+        self.tables: list[torch.Tensor] | None = None
+        self.index: dict[str, int] = {}
         self.active = False
         self.single: Any = None  # every row has the same task here: its unbatched payload
         self.rows: Any = None  # per-row tensors for this batch
 
     def add(self, task: str, site: nn.Module) -> None:
         self.entries[task] = self.payload(site)
+        self.tables = None
 
     def remove(self, task: str) -> None:
         self.entries.pop(task, None)
+        self.tables = None
 
     def begin(self, row_tasks: list[str]) -> None:
         """Prepare a batch whose row b belongs to task row_tasks[b]."""
@@ -159,36 +171,40 @@ class RowRouter(nn.Module):
         if len(present) == 1 and len(set(row_tasks)) == 1:
             self.single = self.entries[present[0]]
             return
-        index = {t: i for i, t in enumerate(present, 1)}  # 0: rows without a delta here
-        device = next(iter(self.inner.parameters()), torch.empty(0)).device
-        rows = torch.tensor([index.get(t, 0) for t in row_tasks], device=device)
-        self.rows = self.gather([self.entries[t] for t in present], rows)
+        if self.tables is None:
+            self.index = {t: i for i, t in enumerate(self.entries, 1)}
+            columns = zip(*self.entries.values())
+            self.tables = [stack_padded(list(c), fill) for c, fill in zip(columns, self.FILL)]
+        rows = torch.tensor([self.index.get(t, 0) for t in row_tasks], device=self.tables[0].device)
+        self.rows = self.finish([table[rows] for table in self.tables])
 
     def end(self) -> None:
         self.active, self.single, self.rows = False, None, None
 
-    def payload(self, site: nn.Module) -> Any:
+    def payload(self, site: nn.Module) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
-    def gather(self, payloads: list[Any], rows: torch.Tensor) -> Any:
-        raise NotImplementedError
+    def finish(self, gathered: list[torch.Tensor]) -> Any:
+        """Per-row tensors (B, ...) gathered from the tables -> what forward uses."""
+        return gathered
 
 
 class LoRARouter(RowRouter):
     """h = W0 x + s_b (x A_bᵀ) B_bᵀ per row (LoRA; AdaLoRA with A = λ ⊙ Q)."""
 
-    def payload(self, site: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
+    FILL = (0.0, 0.0, 0.0)
+
+    def payload(self, site: nn.Module) -> tuple[torch.Tensor, ...]:
         name = site.active_adapter
         if type(site).__name__ == "SVDLinear":  # AdaLoRA: P Λ Q, dropped triplets masked
-            a = site.lora_A[name] * (site.lora_E[name] * site.rank_mask(name))  # (r, k)
-            return a.detach(), site.lora_B[name].detach(), site.scaling[name]
-        return site.lora_A[name].weight.detach(), site.lora_B[name].weight.detach(), site.scaling[name]
+            a, b = site.lora_A[name] * (site.lora_E[name] * site.rank_mask(name)), site.lora_B[name]  # (r, k)
+        else:
+            a, b = site.lora_A[name].weight, site.lora_B[name].weight
+        return a.detach(), b.detach(), a.new_tensor(site.scaling[name])
 
-    def gather(self, payloads, rows):
-        a = gather_rows([p[0] for p in payloads], rows)  # (B, r_max, k)
-        b = gather_rows([p[1] for p in payloads], rows)  # (B, d, r_max)
-        scale = gather_rows([a.new_tensor([p[2]]) for p in payloads], rows)  # (B, 1)
-        return a, b, scale.unsqueeze(-1)  # scale (B, 1, 1)
+    def finish(self, gathered):
+        a, b, scale = gathered  # (B, r_max, k), (B, d, r_max), (B,)
+        return a, b, scale.view(-1, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.inner(x)
@@ -205,21 +221,23 @@ class LoRARouter(RowRouter):
 class IA3Router(RowRouter):
     """Rescale a projection's output (key 'ia3:out') or input ('ia3:in') by the row's vector."""
 
-    def payload(self, site: nn.Module) -> torch.Tensor:
+    FILL = (1.0,)
+
+    def payload(self, site: nn.Module) -> tuple[torch.Tensor]:
         vector = site.ia3_l[site.active_adapter].detach().flatten()
         if site.is_feedforward:
-            return vector  # (in,)
+            return (vector,)  # (in,)
         full = vector.new_ones(site.out_features)  # (out,): ones outside the scaled span
         full[site.span[0]:site.span[1]] = vector
-        return full
+        return (full,)
 
-    def gather(self, payloads, rows):
-        return gather_rows(payloads, rows, fill=1.0).unsqueeze(1)  # (B, 1, n)
+    def finish(self, gathered):
+        return gathered[0].unsqueeze(1)  # (B, 1, n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return self.inner(x)
-        vector = self.single if self.single is not None else self.rows
+        vector = self.single[0] if self.single is not None else self.rows
         if self.key == "ia3:in":
             return self.inner(rescale(x, vector, 0, x.shape[-1]))
         out = self.inner(x)
@@ -228,6 +246,8 @@ class IA3Router(RowRouter):
 
 class AdapterRouter(RowRouter):
     """Bottleneck adapters per row; the serial / parallel / residual wiring is AdapterLayer's own."""
+
+    FILL = (0.0,) * 5  # zero rows add nothing: f(0) = 0 for every activation, Up = 0
 
     def __init__(self, inner: nn.Module, key: str):
         super().__init__(inner, key)
@@ -242,12 +262,11 @@ class AdapterRouter(RowRouter):
         name = site.active_adapter
         down, up = site.adapter_down[name], site.adapter_up[name]
         return (down.weight.detach(), down.bias.detach(), up.weight.detach(), up.bias.detach(),
-                down.weight.new_tensor([site.scaling[name]]))
+                down.weight.new_tensor(site.scaling[name]))
 
-    def gather(self, payloads, rows):
-        # (B, m, d), (B, 1, m), (B, d, m), (B, 1, d), (B, 1, 1): zero rows add nothing (f(0) = 0, Up = 0)
-        down_w, down_b, up_w, up_b, scale = (gather_rows([p[i] for p in payloads], rows) for i in range(5))
-        return down_w, down_b.unsqueeze(1), up_w, up_b.unsqueeze(1), scale.unsqueeze(-1)
+    def finish(self, gathered):
+        down_w, down_b, up_w, up_b, scale = gathered  # (B, m, d), (B, m), (B, d, m), (B, d), (B,)
+        return down_w, down_b.unsqueeze(1), up_w, up_b.unsqueeze(1), scale.view(-1, 1, 1)
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
         down_w, down_b, up_w, up_b, scale = self.single if self.single is not None else self.rows
