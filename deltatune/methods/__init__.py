@@ -6,6 +6,7 @@ from types import ModuleType
 from typing import Any
 
 from deltatune.errors import UserError
+from deltatune.intrinsic import said as intrinsic
 from deltatune.methods import (
     adalora,
     adapter,
@@ -21,6 +22,7 @@ from deltatune.methods import (
     prefix,
     prompt,
     ptuning,
+    s4,
 )
 from deltatune.methods.base import build_config
 
@@ -39,10 +41,13 @@ REGISTRY: dict[str, ModuleType] = {
     "ptuning": ptuning,
     "icl": icl,
     "knn": knn,
+    "intrinsic": intrinsic,
+    "s4": s4,
 }
 
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "last2": ("head", {"unfreeze_last": 2}),
+    "said": ("intrinsic", {"said": True}),
 }
 """Ready names for a method with options: `last2` is `head` with the last 2 layers unfrozen."""
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
-from deltatune.methods.base import replace_module, train_head
+from deltatune.methods.base import layer_selection, replace_module, train_head
 
 NAME = "adapter"
 DEFAULT_LR = 1e-3
@@ -58,6 +58,8 @@ class Config:
     """Nonlinearity f: relu, gelu, silu (swish) or tanh."""
     train_layernorm: bool = False
     """Also train the backbone's LayerNorm parameters (Houlsby et al. do)."""
+    layers: tuple[int, ...] | None = None
+    """Put adapters only in these transformer layers (indices from 0); None: every layer."""
 
 
 def bottleneck_update(x: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor,
@@ -144,7 +146,9 @@ def adapter_places(task_model: TaskModel, config: Config) -> list[tuple[str, str
             rel, mode = (residual, "residual") if residual else (block, "parallel")
         if rel is None:
             raise UserError(f"adapter: the {arch.family} architecture does not say where adapters go")
-        places += [(f"{layers_name}.{i}.{rel}", mode) for i in range(len(task_model.layers()))]
+        chosen = layer_selection(task_model, config.layers)
+        places += [(f"{layers_name}.{i}.{rel}", mode) for i in range(len(task_model.layers()))
+                   if chosen is None or i in chosen]
     return places
 
 

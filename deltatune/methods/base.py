@@ -92,6 +92,33 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
 ROLE_NAMES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
 
 
+def layer_selection(task_model: TaskModel, layers: Iterable[int | str] | None) -> set[int] | None:
+    """A method's `layers` option (transformer layer indices from 0), checked; None means every layer."""
+    if layers is None:
+        return None
+    count = len(task_model.layers())
+    try:
+        chosen = {int(i) for i in layers}
+    except ValueError as exc:
+        raise UserError(f"layers must be integers (0..{count - 1}), got {list(layers)}") from exc
+    bad = sorted(i for i in chosen if not 0 <= i < count)
+    if bad:
+        raise UserError(f"layer {bad[0]} does not exist: the model has {count} layers (0..{count - 1})")
+    return chosen
+
+
+def layer_of(task_model: TaskModel, name: str, root: nn.Module | None = None) -> int | None:
+    """The transformer layer a module or parameter `name` (relative to `root`, default the task model's
+    module) lies in, or None when it lies outside the layers (embeddings, head)."""
+    root = task_model.module if root is None else root
+    path = next(n for n, m in root.named_modules() if m is task_model.layers())
+    head, dot, rest = name.partition(f"{path}." if path else "")
+    if head or not dot:
+        return None
+    index = rest.split(".", 1)[0]
+    return int(index) if index.isdigit() else None
+
+
 def resolve_targets(task_model: TaskModel, targets: Iterable[str]) -> list[str]:
     """Full module names (from the task model root) for target roles or module-name suffixes.
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
-from deltatune.methods.base import train_head
+from deltatune.methods.base import layer_of, layer_selection, train_head
 
 NAME = "bitfit"
 DEFAULT_LR = 1e-3
@@ -24,9 +24,13 @@ DEFAULT_LR = 1e-3
 class Config:
     include_layernorm: bool = True
     """Also train LayerNorm biases (the paper does)."""
+    layers: tuple[int, ...] | None = None
+    """Train only the biases inside these transformer layers (indices from 0); None: every bias."""
 
 
-def bias_names(task_model: TaskModel, include_layernorm: bool = True) -> list[str]:
+def bias_names(task_model: TaskModel, include_layernorm: bool = True,
+               layers: tuple[int, ...] | None = None) -> list[str]:
+    chosen = layer_selection(task_model, layers)
     names = []
     for module_name, module in task_model.backbone.named_modules():
         bias = getattr(module, "bias", None)
@@ -34,12 +38,14 @@ def bias_names(task_model: TaskModel, include_layernorm: bool = True) -> list[st
             continue
         if not include_layernorm and "norm" in type(module).__name__.lower():
             continue
+        if chosen is not None and layer_of(task_model, module_name, task_model.backbone) not in chosen:
+            continue
         names.append(f"{module_name}.bias" if module_name else "bias")
     return names
 
 
 def apply(task_model: TaskModel, config: Config) -> None:
-    names = bias_names(task_model, config.include_layernorm)
+    names = bias_names(task_model, config.include_layernorm, config.layers)
     if not names:
         raise UserError(f"bitfit: the {task_model.arch.family} backbone has no bias terms to train")
     params = dict(task_model.backbone.named_parameters())

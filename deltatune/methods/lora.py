@@ -22,7 +22,14 @@ from torch import nn
 
 from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
-from deltatune.methods.base import linear_dims, replace_module, resolve_targets, train_head
+from deltatune.methods.base import (
+    layer_of,
+    layer_selection,
+    linear_dims,
+    replace_module,
+    resolve_targets,
+    train_head,
+)
 
 NAME = "lora"
 DEFAULT_LR = 1e-3
@@ -41,6 +48,8 @@ class Config:
     """Roles (query, key, value, attn_out, ffn_in, ffn_out) or module-name suffixes to adapt."""
     bias: str = "none"
     """'none', 'all' (every bias in the backbone trains) or 'lora_only' (biases of adapted layers)."""
+    layers: tuple[int, ...] | None = None
+    """Adapt only the targets in these transformer layers (indices from 0); None: every layer."""
 
 
 class LoRALinear(nn.Module):
@@ -89,6 +98,9 @@ class LoRALinear(nn.Module):
 def apply(task_model: TaskModel, config: Config) -> None:
     module = task_model.module
     targets = resolve_targets(task_model, config.target_modules)
+    chosen = layer_selection(task_model, config.layers)
+    if chosen is not None:
+        targets = [name for name in targets if layer_of(task_model, name) in chosen]
     for name in targets:
         layer = LoRALinear(module.get_submodule(name), config.r, config.alpha, config.dropout)
         replace_module(module, name, layer)

@@ -22,11 +22,13 @@ checkpointing drops `past_key_values` inside layers, so the cache also travels a
 a hook on each attention module puts it back. A caller may pass `prefix_kv=(B, layers, 2, n, kv_dim)`
 (and `prefix_mask=(B, n)`) to the task model: different rows can carry different prefixes.
 `generate` works too: the prefix is written into its cache on the first step.
+With `layers` (S4's per-group prefixes), only those layers have a prefix: the others get n zero slots
+whose columns their attention mask hides, so every layer's cache has the same length.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -34,7 +36,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
-from deltatune.methods.base import train_head, trainable_state
+from deltatune.methods.base import layer_selection, train_head, trainable_state
 from deltatune.methods.prompt import (
     ADAPTER,
     load_state,
@@ -66,6 +68,9 @@ class Config:
     """words (activations of real tokens: init_text, else sampled frequent tokens) or random."""
     init_text: str | None = None
     """Text whose tokens' activations start the prefix (init=words)."""
+    layers: tuple[int, ...] | None = None
+    """Prefix only these transformer layers (indices from 0); the others attend to no prefix (their mask
+    hides the n slots). None: every layer."""
 
 
 @dataclass(frozen=True)
@@ -123,18 +128,25 @@ class PrefixHooks:
     With a caller's cache (`generate`), the prefix is written into it on the first step and found
     there on later ones; position ids the caller computes are shifted by n, as in training."""
 
-    def __init__(self, task_model: TaskModel):
+    def __init__(self, task_model: TaskModel, rows: list[int] | None = None):
         self.module, self.backbone = task_model.module, task_model.backbone
         self.shape = kv_shape(self.backbone.config)
         self.max_positions = max_positions(self.backbone.config)
         self.layers = task_model.layers()
+        self.rows = rows
+        """The layers with a prefix (`layers` option); the encoder's output has one entry per row."""
+        self.causal = task_model.arch.is_decoder
+        self.width = 0
         self.pending: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        attentions = [layer.get_submodule(task_model.arch.attention) for layer in self.layers]
         self.handles = [
             self.module.register_forward_pre_hook(self.before, with_kwargs=True),
             self.module.register_forward_hook(self.after, always_call=True),
             self.backbone.register_forward_pre_hook(self.before_backbone, with_kwargs=True),
-        ] + [layer.get_submodule(task_model.arch.attention).register_forward_pre_hook(
-            self.before_attention, with_kwargs=True) for layer in self.layers]
+        ] + [attention.register_forward_pre_hook(self.before_attention, with_kwargs=True) for attention in attentions]
+        if rows is not None:
+            self.handles += [attention.register_forward_pre_hook(self.hide_prefix, with_kwargs=True)
+                             for i, attention in enumerate(attentions) if i not in rows]
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -149,7 +161,12 @@ class PrefixHooks:
             if first is None:
                 return args, kwargs
             prefix = module.prompt_encoder[ADAPTER]().unsqueeze(0).expand(first.shape[0], -1, -1, -1, -1)
+        if self.rows is not None and prefix.shape[1] != len(self.layers):  # zeros where no prefix (hidden)
+            full = prefix.new_zeros(prefix.shape[0], len(self.layers), *prefix.shape[2:])
+            full[:, self.rows] = prefix
+            prefix = full
         self.pending = (prefix, mask)  # prefix (B, L, 2, n, kv_dim)
+        self.width = prefix.shape[3]
         return args, kwargs
 
     def before_backbone(self, _backbone, args, kwargs):
@@ -184,6 +201,23 @@ class PrefixHooks:
         if cache is not None and kwargs.get("past_key_values") is None:  # dropped by gradient checkpointing
             kwargs["past_key_values"] = cache
         return args, kwargs
+
+    def hide_prefix(self, _attention, args, kwargs):
+        """A layer outside `layers`: its attention mask hides the n prefix slots (which hold zeros)."""
+        n, positional = self.width, len(args) > 1 and "attention_mask" not in kwargs
+        mask = args[1] if positional else kwargs.get("attention_mask")
+        if mask is None:  # an encoder without padding: transformers passes no mask at all
+            if self.causal:
+                raise UserError("prefix tuning with `layers` needs an attention mask in a decoder")
+            hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, H)
+            mask = torch.ones(hidden.shape[0], 1, hidden.shape[1], n + hidden.shape[1], dtype=torch.bool,
+                              device=hidden.device)
+        else:  # (B, 1, T, n + seen + T), bool (sdpa) or additive float (eager)
+            mask = mask.clone()
+        mask[..., :n] = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
+        if positional:
+            return (args[0], mask, *args[2:]), kwargs
+        return args, {**kwargs, "attention_mask": mask}
 
     def after(self, _module, _args, _output) -> None:
         self.pending = None
@@ -264,11 +298,16 @@ def apply(task_model: TaskModel, config: Config) -> None:
         raise UserError(f"unknown init '{config.init}': choose one of {', '.join(INITS)}")
     if config.num_virtual_tokens < 1 or config.encoder_hidden_size < 1:
         raise UserError("num_virtual_tokens and encoder_hidden_size must be at least 1")
+    chosen = layer_selection(task_model, config.layers)
+    rows = None if chosen is None else sorted(chosen)
     shape = kv_shape(task_model.backbone.config)
     n, device = config.num_virtual_tokens, task_model.device()
+    if rows is not None:  # the encoder makes the chosen layers' prefixes only
+        shape = replace(shape, layers=len(rows))
     if config.init == "words":
         ids = init_token_ids(task_model, config)
         base = word_activations(task_model, ids)  # before the hooks are installed
+        base = base if rows is None else base[rows]
         start = word_embeddings(task_model).weight[ids].detach().float()  # (n, H)
     else:
         base, start = None, torch.randn(n, task_model.backbone.config.hidden_size, device=device)
@@ -278,16 +317,16 @@ def apply(task_model: TaskModel, config: Config) -> None:
         encoder = Prefix(base if base is not None else 0.02 * torch.randn(
             shape.layers, 2, n, shape.kv_dim, device=device))
     set_encoder(task_model, encoder)
-    install_hooks(task_model)
+    install_hooks(task_model, rows)
     train_head(task_model)
 
 
-def install_hooks(task_model: TaskModel) -> PrefixHooks:
+def install_hooks(task_model: TaskModel, rows: list[int] | None = None) -> PrefixHooks:
     """Hook the task model once; a prefix is never skipped by the frozen-prefix cache."""
     module = task_model.module
     if getattr(module, "prefix_hooks", None) is not None:
         module.prefix_hooks.remove()
-    module.prefix_hooks = PrefixHooks(task_model)
+    module.prefix_hooks = PrefixHooks(task_model, rows)
     module.no_prefix_cache = True
     return module.prefix_hooks
 
@@ -311,6 +350,8 @@ def load_delta_state(task_model: TaskModel, config: Config, tensors: dict[str, t
 
 def to_peft(config: Config, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
     """peft's `prompt_embeddings` (n, L*2*kv_dim): per token, layer-major, keys before values."""
+    if config.layers is not None:
+        raise UserError("peft prefix tuning puts a prefix in every layer: a delta with `layers` cannot export")
     prefix = tensors[PREFIX_KEY]  # (L, 2, n, kv_dim)
     layers, _, n, kv_dim = prefix.shape
     flat = prefix.permute(2, 0, 1, 3).reshape(n, layers * 2 * kv_dim)
