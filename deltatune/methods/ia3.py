@@ -27,7 +27,7 @@ from deltatune.errors import UserError
 from deltatune.methods.base import ROLE_NAMES, linear_dims, replace_module, resolve_targets, train_head
 
 NAME = "ia3"
-DEFAULT_LR = 3e-3
+DEFAULT_LR = 1e-2  # vectors around 1 take large steps (rotten-tomatoes, 1k, 2 epochs: 0.742 vs 0.704 at 3e-3)
 ADAPTER = "default"
 PEFT_TYPE = "IA3"
 QKV = ("query", "key", "value")
