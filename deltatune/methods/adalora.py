@@ -39,7 +39,10 @@ from deltatune.errors import UserError
 from deltatune.methods.base import linear_dims, replace_module, resolve_targets, train_head, trainable_state
 
 NAME = "adalora"
-DEFAULT_LR = 1e-3
+DEFAULT_LR = 1e-2
+"""λ starts at 0 and P, Q small, so the update grows slowly: with 1e-3 or 3e-3, 189 steps on rotten-tomatoes
+(MiniLM, 2000 examples) stayed near the majority class (0.58-0.59 test accuracy); with 1e-2 they reached
+0.775 (LoRA at its 1e-3: 0.763)."""
 ADAPTER = "default"
 PEFT_TYPE = "ADALORA"
 RANK_EPS = 1e-5
@@ -71,8 +74,9 @@ class Config:
     """EMA factor of the sensitivity Ī."""
     beta2: float = 0.85
     """EMA factor of the uncertainty Ū."""
-    orth_reg_weight: float = 0.5
-    """Weight of the orthogonality regulariser on P and Q."""
+    orth_reg_weight: float = 0.1
+    """Weight of the orthogonality regulariser on P and Q (peft's default is 0.5: while λ ≈ 0, P and Q get
+    no task gradient, Adam follows the regulariser alone, and short runs learn slower; 0.1 cost little)."""
     total_step: int | None = None
     """Schedule length T in optimizer steps; None: the training loop's (recorded here when training starts)."""
 
