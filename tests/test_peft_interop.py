@@ -217,3 +217,25 @@ def test_lm_delta_exports_as_causal_lm_and_imports_back(tiny_dir, tmp_path, name
     back = load_delta(import_peft(tmp_path / "peft", tmp_path / "back"))
     assert back.meta["task"]["kind"] == "generation" and back.meta["backbone"]["pooling"] == "lm"
     assert (logits_of(back.task_model.module, inputs) - expected).abs().max() <= TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lora", "adalora"])
+def test_smollm2_classifier_exports_to_peft_and_imports_back(tmp_path, name):
+    from deltatune.backbone import resolve_model_path
+
+    path = resolve_model_path("smollm2")  # GQA: v_proj is 576 -> 192
+    tm = load_task_model(path, num_labels=2)
+    method, config = resolve_method(name, {"target_modules": "query,value"})
+    method.apply(tm, config)
+    randomise(tm.module, std=0.02)
+    inputs = inputs_for(tm.tokenizer)
+    expected = logits_of(tm.module, inputs)
+    save_delta(tmp_path / "delta", tm, method, config,
+               {"task": {"name": "toy", "label_names": ["a", "b"]}, "head_names": tm.head_names})
+    export_peft(tmp_path / "delta", tmp_path / "peft")
+    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "peft"))
+    assert (logits_of(peft_model, inputs) - expected).abs().max() <= TOL
+    back = load_delta(import_peft(tmp_path / "peft", tmp_path / "back", labels="a,b"))
+    assert (logits_of(back.task_model.module, inputs) - expected).abs().max() <= TOL
