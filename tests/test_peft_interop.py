@@ -28,6 +28,14 @@ PEFT_TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
 LABELS = ["neg", "neutral", "pos"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def inputs_for(tokenizer) -> dict:
     return dict(tokenizer(TEXTS, padding=True, return_tensors="pt"))  # padded: the head must skip pads
 
