@@ -21,6 +21,8 @@ COMMANDS: dict[str, str] = {
     "generate": "deltatune.commands_lm:generate",
     "compare": "deltatune.compare:compare",
     "estimate": "deltatune.estimate.cli:estimate",
+    "intrinsic": "deltatune.intrinsic.run:intrinsic",
+    "search": "deltatune.search:search",
     "index": "deltatune.notune.ask:index_command",
     "ask": "deltatune.notune.ask:ask",
     "serve": "deltatune.serve.cli:serve",

@@ -91,16 +91,22 @@ def compare(*, methods: str = DEFAULT_METHODS, out: str = "runs/compare", data: 
     if not done:
         raise UserError("every method failed; see the messages above")
     add_inference_overhead(done)
+    from deltatune.estimate.measure import add_memory_estimates
+
+    add_memory_estimates(done, model, task, training, {n: dict(o.split("=", 1) for o in options_for(n, set_))
+                                                        for n in names})
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "results.json", rows)
+    used = ", ".join(sorted({str(r["precision"]) for r in done if r.get("precision")})) or training.precision
     header = (f"# deltatune compare: {task.summary()}\n\nmodel: {model or 'all-MiniLM-L6-v2 (packaged)'}, "
               f"pooling: {pooling}, epochs: {training.epochs}, batch: {training.batch_size}, "
-              f"precision: {training.precision}, seed: {training.seed}\n\n")
+              f"precision: {used} (--precision {training.precision}), seed: {training.seed}\n\n")
     table = markdown_table(rows)
     write_text_atomic(out_dir / "results.md", header + table)
     plot_accuracy_vs_params(done, out_dir / "accuracy_vs_params.png", title=f"{task.name}: accuracy vs trainable parameters")
     print(table)
-    print(f"results: {out_dir}/results.json, results.md, accuracy_vs_params.png")
+    print(f"precision used: {used} (--precision {training.precision}); "
+          f"results: {out_dir}/results.json, results.md, accuracy_vs_params.png")
     return 0
 
 

@@ -11,6 +11,7 @@ COLUMNS = [
     ("trainable_params", "trainable params", "{:,}"),
     ("trainable_pct", "trainable %", "{:.3f}"),
     ("peak_memory_mb", "peak RSS MB", "{:.0f}"),
+    ("estimated_memory_mb", "estimated MB", "{:.0f}"),  # detailed estimate of the run (deltatune estimate)
     ("training_memory_increase_mb", "train +MB", "{:.0f}"),
     ("train_seconds", "train s", "{:.1f}"),
     ("train_examples_per_second", "train ex/s", "{:.1f}"),

@@ -17,6 +17,7 @@ from deltatune.data import GENERATION, TaskData
 from deltatune.delta import delta_size_bytes, save_delta
 from deltatune.errors import UserError
 from deltatune.fast import prepare_for_training
+from deltatune.fast import restore as restore_fast_path
 from deltatune.generation import encode_lm, is_seq2seq
 from deltatune.memory import PeakMemory
 from deltatune.methods import resolve_method
@@ -74,6 +75,7 @@ def run_train_job(job: TrainJob, out: str | Path) -> dict[str, Any]:
     test_rows = rows_of(tok, task.test, config.max_length, "test")
     with PeakMemory() as memory:
         result = train_model(task_model, method, method_config, train_rows, val_rows, config)
+    restore_fast_path(task_model)  # test and save the plain fp32 model, as load_delta rebuilds it
     test = validate(task_model, test_rows, config)
     quality = ("loss", "perplexity") if lm else ("accuracy", "macro_f1")
     metrics = {

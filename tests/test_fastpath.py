@@ -78,6 +78,30 @@ def test_bf16_matches_fp32_logits_and_gradient_directions(tiny_dir, kind, method
 
 
 @pytest.mark.parametrize("kind", ["bert", "llama"])
+@pytest.mark.parametrize("method", GRADIENT_METHODS)
+def test_restore_gives_back_the_plain_fp32_model(tiny_dir, kind, method):
+    try:
+        ref, tm = build(tiny_dir, kind, method), build(tiny_dir, kind, method)
+    except UserError:
+        pytest.skip(f"{method} does not apply to {kind}")
+    classes = {n: type(m) for n, m in tm.module.named_modules()}
+    dropouts = {n: m.p for n, m in tm.module.named_modules() if isinstance(m, torch.nn.Dropout)}
+    attention = tm.module.config._attn_implementation
+    fast.prepare(tm, precision="bf16", attention="explicit", dropout=0.0)
+    fast.restore(tm)
+    assert {n: type(m) for n, m in tm.module.named_modules()} == classes
+    assert {n: m.p for n, m in tm.module.named_modules() if isinstance(m, torch.nn.Dropout)} == dropouts
+    assert tm.module.config._attn_implementation == attention
+    expected = ref.module.state_dict()
+    for name, value in tm.module.state_dict().items():
+        assert value.dtype == expected[name].dtype and torch.equal(value, expected[name]), name
+    inputs = inputs_of(tm)
+    ref.module.eval(), tm.module.eval()
+    with torch.no_grad():
+        assert torch.equal(tm.module(**inputs).logits, ref.module(**inputs).logits)
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
 def test_trainable_tensors_stay_fp32_and_frozen_ones_become_bf16(tiny_dir, kind):
     tm = build(tiny_dir, kind, "lora")
     fast.prepare(tm, precision="bf16")
@@ -184,3 +208,6 @@ def test_fast_trained_delta_loads_on_the_plain_path(tiny_dir, toy_csv, tmp_path,
     meta = json.loads((out / "delta.json").read_text())
     assert "train_seconds" in meta["history"][0]
     assert set(trainable_state(loaded.task_model.module)) <= set(loaded.task_model.module.state_dict())
+    with pytest.raises(SystemExit):  # the test metrics are the reloaded delta's, to the last digit
+        main(["eval", str(out), "--data", toy_csv, "--json"])
+    assert json.loads(capsys.readouterr().out)["accuracy"] == metrics["accuracy"]

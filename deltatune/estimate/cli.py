@@ -225,7 +225,8 @@ def parse_methods(method: str | Sequence[str], shapes: ModelShapes, dtype: str) 
 def estimate(*, model: str = "all-minilm-l6-v2", method: str = "full,lora", batch_size: int = 8, seq_len: int = 128,
              dtype: str = "fp32", optimizer: str = "adamw", activations: str = "detailed",
              gradient_checkpointing: bool = False, num_virtual_tokens: int = 20, num_labels: int = 2,
-             hardware_table: bool = False, json_: bool = False, attention: str = "eager") -> int:
+             hardware_table: bool = False, json_: bool = False, attention: str = "eager", measure: bool = False,
+             measure_steps: int = 3, threads: int = 1) -> int:
     """Estimate the GPU memory of one training step per method, from the model's shapes alone.
 
     Args:
@@ -242,6 +243,9 @@ def estimate(*, model: str = "all-minilm-l6-v2", method: str = "full,lora", batc
         hardware_table: print the seed's hardware table (7B-70B) beside our estimates instead.
         json_: print a JSON list, one object per method (or per hardware-table cell).
         attention: attention kernel of the detailed model: eager (saves seq² scores) or sdpa (fused, saves no seq² tensor).
+        measure: run real training steps on this machine (CPU, fp32, AdamW, sdpa), one process per method, and print the measured peak beside the detailed CPU estimate (model: a folder or minilm / smollm2).
+        measure_steps: training steps per method with --measure.
+        threads: torch threads per measuring process.
     """
     if hardware_table:
         rows = hardware_table_rows()  # the flag shadows the function's name here
@@ -249,6 +253,23 @@ def estimate(*, model: str = "all-minilm-l6-v2", method: str = "full,lora", batc
         return 0
     shapes = load_shapes(model)
     methods = parse_methods(method, shapes, dtype)
+    if measure:
+        from deltatune.estimate.measure import (
+            MEASURABLE,
+            format_measurements,
+            measure_methods,
+            measurements_json,
+        )
+
+        if dtype != "fp32" or optimizer != "adamw" or gradient_checkpointing:
+            raise UserError("--measure trains as deltatune does on this machine: fp32, adamw, no checkpointing")
+
+        names = [m for m in methods if m in MEASURABLE] if method.strip().lower() == "all" else methods
+        rows = measure_methods(model, names, batch_size=batch_size, seq_len=seq_len, steps=measure_steps,
+                               num_labels=num_labels, threads=threads)
+        print(json.dumps(measurements_json(rows), indent=2) if json_ else format_measurements(
+            rows, f"{model}: batch {batch_size}, seq {seq_len}, fp32, AdamW, sdpa, CPU; {measure_steps} steps"))
+        return 0
     estimates = estimate_for_model(shapes, methods, batch_size=batch_size, seq_len=seq_len, dtype=dtype,
                                    optimizer=optimizer, activations=activations,
                                    gradient_checkpointing=gradient_checkpointing,

@@ -64,13 +64,13 @@ def method_options(method: str) -> tuple[str, dict]:
     return method, {}
 
 
-def delta_settings(method: str, hidden: int):
-    """The estimator's DeltaSettings for our method's default sizes."""
+def delta_settings(method: str, hidden: int, options: dict | None = None):
+    """The estimator's DeltaSettings for our method's sizes (its defaults, or `options`)."""
     from deltatune.estimate import DeltaSettings
     from deltatune.methods import resolve_method
 
-    name, options = method_options(method)
-    _, config = resolve_method(name, options)
+    name, defaults = method_options(method)
+    _, config = resolve_method(name, {**defaults, **(options or {})})
     tokens = getattr(config, "num_virtual_tokens", 20)
     adapter = getattr(config, "bottleneck", None) or hidden // max(1, getattr(config, "reduction_factor", 16))
     return DeltaSettings(num_virtual_tokens=tokens, lora_rank=getattr(config, "r", 8),
@@ -200,6 +200,49 @@ def measure_methods(model: str, methods: list[str], *, batch_size: int, seq_len:
         row.estimated_mb = estimate.total_gb * 1024
         rows.append(row)
     return rows
+
+
+def add_memory_estimates(rows: list[dict], model: str | None, task, training, options: dict[str, dict]) -> None:
+    """`estimated_memory_mb` of each `compare` row: the detailed estimate of its run (its device, precision,
+    attention, dropout and delta sizes) at the longest training batch; methods the estimator does not model
+    (icl, knn, intrinsic, s4) get none."""
+    import dataclasses
+
+    from deltatune.backbone import load_tokenizer, resolve_model_path
+    from deltatune.batching import encode
+    from deltatune.data import GENERATION
+    from deltatune.estimate import METHODS
+    from deltatune.estimate.cli import estimate_for_model
+    from deltatune.estimate.shapes import load_shapes
+
+    path = resolve_model_path(model)
+    try:
+        shapes = load_shapes(path)
+    except UserError:  # an architecture the estimator does not read (T5)
+        return
+    generation = task.kind == GENERATION
+    seq_len = training.max_length
+    if not generation:
+        lengths = [len(r.input_ids) for r in encode(load_tokenizer(path), task.train, training.max_length)]
+        seq_len = max(lengths, default=seq_len)
+    dropout = {"auto": 0.0, "model": None}.get(str(training.dropout), None)
+    if dropout is None and str(training.dropout) != "model":
+        dropout = float(training.dropout)
+    if dropout is not None:
+        shapes = dataclasses.replace(shapes, hidden_dropout=dropout, attention_dropout=dropout)
+    for row in rows:
+        method = row.get("method")
+        if method not in METHODS or method == "qlora":
+            continue
+        device = "cuda" if str(row.get("device", "cpu")).startswith("cuda") else "cpu"
+        attention = "sdpa" if training.attention == "sdpa" or (device == "cuda" and training.attention == "auto") \
+            else "eager"
+        [estimate] = estimate_for_model(
+            shapes, [method], batch_size=training.batch_size, seq_len=seq_len, attention=attention, device=device,
+            dtype="bf16" if row.get("precision") == "bf16" else "fp32", generation=generation,
+            num_labels=len(task.label_names) if not generation else 2,
+            settings=delta_settings(method, shapes.hidden, options.get(method)))
+        row["estimated_memory_mb"] = estimate.total_gb * 1024
 
 
 def format_measurements(rows: list[Measurement], header: str) -> str:

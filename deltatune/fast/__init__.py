@@ -10,6 +10,9 @@
         └─ compile      --compile: torch.compile of the training forward (widths padded to buckets)
         │
     train_model(...)                         unchanged: AdamW on the fp32 trainable parameters
+        │
+    restore(task_model)                      undone: the plain fp32 model with the trained tensors is
+                                             what gets tested and saved (and what load_delta rebuilds)
 
 Every method goes through it: the transformations are generic (module types, frozen vs trainable
 parameters, modules loaded vs added by a method), parameter names never change, so deltas saved
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -29,7 +32,7 @@ from torch import nn
 from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
 from deltatune.fast import attention as attention_impl
-from deltatune.fast.fused import fuse_qkv
+from deltatune.fast.fused import fuse_qkv, unfuse
 from deltatune.fast.precision import PRECISIONS, resolve_precision, to_bf16_compute
 
 DEFAULT_DROPOUT = 0.0
@@ -52,9 +55,13 @@ class FastPath:
     bf16_modules: int = 0
     bf16_mb: float = 0.0
     untouched: list[str] = field(default_factory=list)
+    restored: bool = False
+    """True once `restore` has undone the fast path (the model is the plain fp32 one again)."""
+    _undo: list[Callable[[], Any]] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("_undo", "restored")}
+
 
 
 def parse_dropout(value: str | float | None) -> float | None:
@@ -72,19 +79,18 @@ def parse_dropout(value: str | float | None) -> float | None:
     return rate
 
 
-def set_dropout(task_model: TaskModel, rate: float) -> int:
-    """Set every dropout of the loaded backbone and head (not a method's own) to `rate`; returns how many."""
-    count = 0
+def set_dropout(task_model: TaskModel, rate: float) -> list[tuple[nn.Module, str, float]]:
+    """Set every dropout of the loaded backbone and head (not a method's own) to `rate`; returns
+    (module, attribute, previous rate) of each."""
+    changed = []
     for sub in task_model.module.modules():
         if sub not in task_model.loaded_modules:
             continue
-        if isinstance(sub, nn.Dropout):
-            sub.p = rate
-            count += 1
-        elif isinstance(getattr(sub, "attention_dropout", None), float):  # Llama-style attention modules
-            sub.attention_dropout = rate
-            count += 1
-    return count
+        attr = "p" if isinstance(sub, nn.Dropout) else "attention_dropout"  # Llama-style attention modules
+        if isinstance(getattr(sub, attr, None), float):
+            changed.append((sub, attr, getattr(sub, attr)))
+            setattr(sub, attr, rate)
+    return changed
 
 
 def prepare(task_model: TaskModel, precision: str = "auto", attention: str = "auto",
@@ -95,20 +101,41 @@ def prepare(task_model: TaskModel, precision: str = "auto", attention: str = "au
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{precision}'")
     if attention not in attention_impl.CHOICES:
         raise UserError(f"--attention must be one of {', '.join(attention_impl.CHOICES)}, not '{attention}'")
+    if active(task_model) is not None and not active(task_model).restored:
+        raise RuntimeError("the fast path is already applied to this model")
     device = task_model.device()
     rate = parse_dropout(dropout)
-    if rate is not None:
-        set_dropout(task_model, rate)
     resolved = resolve_precision(precision, device)
     info = FastPath(precision=resolved, attention="model", dropout=rate, compile=compile)
+    if rate is not None:
+        changed = set_dropout(task_model, rate)
+        info._undo.append(lambda: [setattr(sub, attr, old) for sub, attr, old in changed])
     if resolved == "bf16":
-        report = to_bf16_compute(task_model)
+        report, originals = to_bf16_compute(task_model)
         info.bf16_modules, info.bf16_mb, info.untouched = report.bf16_modules, report.bf16_mb, report.untouched
+        info._undo.append(originals.restore)
     if fuse:
-        info.fused_layers = fuse_qkv(task_model)
-    info.attention = attention_impl.set_attention(task_model.module, attention_impl.resolve(attention, device))
+        members = fuse_qkv(task_model)
+        info.fused_layers = len(members) // 3
+        info._undo.append(lambda: unfuse(members))
+    info.attention, previous = attention_impl.set_attention(task_model.module,
+                                                            attention_impl.resolve(attention, device))
+    info._undo.append(lambda: attention_impl.reset_attention(task_model.module, previous))
     task_model.module.fast_path = info
     return info
+
+
+def restore(task_model: TaskModel) -> None:
+    """Undo `prepare` after training: fp32 weights (from the temporary file), unfused projections, the
+    model's attention and dropout. The trained tensors are untouched (they were fp32 all along), so the
+    model is the one a plain fp32 run would have: what gets tested and saved, and what `load_delta`
+    rebuilds. Evaluation after this runs in fp32 without autocast."""
+    info = active(task_model)
+    if info is None or info.restored:
+        return
+    while info._undo:
+        info._undo.pop()()
+    info.restored = True
 
 
 def prepare_for_training(task_model: TaskModel, config) -> FastPath:
@@ -121,7 +148,8 @@ def active(task_model: TaskModel) -> FastPath | None:
 
 
 def autocast_precision(task_model: TaskModel, precision: str) -> str:
-    """The precision to hand to `evaluate.autocast_for`: none (fp32) once the model carries its own dtypes."""
+    """The precision to hand to `evaluate.autocast_for`: none (fp32) once the fast path set the dtypes (and
+    after `restore`: the plain fp32 model, evaluated as `deltatune evaluate` would)."""
     return "fp32" if active(task_model) is not None else precision
 
 
@@ -146,7 +174,7 @@ def training_forward(task_model: TaskModel, cache=None) -> Callable[[dict], Any]
     from deltatune.evaluate import forward_batch
 
     info = active(task_model)
-    if info is None or not info.compile or cache is not None:
+    if info is None or info.restored or not info.compile or cache is not None:
         return functools.partial(forward_batch, task_model, cache=cache)
     compiled = torch.compile(task_model.module, dynamic=False)
     pad_id = task_model.tokenizer.pad_token_id

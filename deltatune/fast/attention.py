@@ -67,19 +67,29 @@ def resolve(requested: str, device: torch.device) -> str:
     return requested
 
 
-def set_attention(module: nn.Module, choice: str) -> str:
-    """Switch the model's attention implementation; returns the one in use (the model's own when it
-    cannot switch, e.g. T5 with its position bias)."""
+def pretrained(module: nn.Module) -> nn.Module | None:
     from transformers import PreTrainedModel
 
-    model = next((m for m in module.modules() if isinstance(m, PreTrainedModel)), None)
+    return next((m for m in module.modules() if isinstance(m, PreTrainedModel)), None)
+
+
+def set_attention(module: nn.Module, choice: str) -> tuple[str, str | None]:
+    """Switch the model's attention implementation; returns (the one in use, the one before) (the model's
+    own when it cannot switch, e.g. T5 with its position bias)."""
+    model = pretrained(module)
     if model is None:
-        return "model"
+        return "model", None
     current = model.config._attn_implementation
     if choice == "model" or not getattr(model, "_supports_attention_backend", False):
-        return current
+        return current, None
     name = NAME if choice == "explicit" else choice
     if name == NAME:
         register()
     model.set_attn_implementation(name)
-    return "explicit" if model.config._attn_implementation == NAME else model.config._attn_implementation
+    now = model.config._attn_implementation
+    return ("explicit" if now == NAME else now), current
+
+
+def reset_attention(module: nn.Module, previous: str | None) -> None:
+    if previous is not None:
+        pretrained(module).set_attn_implementation(previous)

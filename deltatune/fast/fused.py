@@ -69,12 +69,22 @@ def base_linear(module: nn.Module) -> nn.Module:
     return module
 
 
-def fuse_qkv(task_model: TaskModel) -> int:
-    """Fuse the frozen q/k/v projections of every layer; returns how many layers were fused."""
+def unfuse(members: list[tuple[nn.Linear, type]]) -> None:
+    """Undo `fuse_qkv`: each member gets its own copy of its weights and its class back."""
+    for m, cls in members:
+        m.weight.data = m.weight.data.clone()
+        if m.bias is not None:
+            m.bias.data = m.bias.data.clone()
+        del m.fused_group, m.fused_index
+        m.__class__ = cls
+
+
+def fuse_qkv(task_model: TaskModel) -> list[tuple[nn.Linear, type]]:
+    """Fuse the frozen q/k/v projections of every layer; returns the members and their classes (for `unfuse`)."""
     arch = task_model.arch
     if arch.query is None or arch.key is None or arch.value is None:
-        return 0  # already fused (GPT-2's c_attn)
-    fused = 0
+        return []  # already fused (GPT-2's c_attn)
+    fused: list[tuple[nn.Linear, type]] = []
     for layer in task_model.layers():
         members = [base_linear(layer.get_submodule(path)) for path in (arch.query, arch.key, arch.value)]
         if not all(isinstance(m, nn.Linear) and m in task_model.loaded_modules for m in members):
@@ -85,7 +95,7 @@ def fuse_qkv(task_model: TaskModel) -> int:
             continue
         group = FusedGroup(members)
         for index, m in enumerate(members):
+            fused.append((m, type(m)))
             m.__class__ = FusedLinear
             m.fused_group, m.fused_index = group, index
-        fused += 1
     return fused

@@ -18,15 +18,20 @@ fine-tuning, BitFit biases) keeps its fp32 value as the parameter itself and eac
 copy (`w.to(bf16)`, which autograd turns back into an fp32 gradient), so the "bf16 working copy + fp32
 master" of mixed-precision training needs no extra optimizer code. Modules change class in place
 (`BF16Linear` is an `nn.Linear`): parameter names, and so deltas and peft exports, stay as they were.
+The fp32 values of the cast weights wait in a temporary file; `Originals.restore()` puts them and the
+classes back after training, so what is tested and saved is the plain fp32 model.
 """
 
 from __future__ import annotations
 
 import functools
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -131,12 +136,41 @@ class PrecisionReport:
     """Loaded modules with parameters of a type this file does not know: left in fp32 as they were."""
 
 
-def to_bf16_compute(task_model: TaskModel) -> PrecisionReport:
-    """Apply the table above to a task model after `method.apply` (its `requires_grad` flags are final)."""
+class Originals:
+    """The fp32 values of the weights cast to bf16, kept in a temporary file (not in memory) until
+    `restore` puts them back: after training the model is exactly the plain fp32 one again."""
+
+    def __init__(self) -> None:
+        self.classes: list[tuple[nn.Module, type]] = []
+        self.params: list[nn.Parameter] = []
+        self._dir: tempfile.TemporaryDirectory | None = None
+
+    def save(self, params: list[nn.Parameter]) -> None:
+        self.params = params
+        if params:
+            self._dir = tempfile.TemporaryDirectory(prefix="deltatune-fp32-")
+            save_file({str(i): p.data.detach().cpu().contiguous() for i, p in enumerate(params)},
+                      Path(self._dir.name) / "fp32.safetensors")
+
+    def restore(self) -> None:
+        for sub, cls in reversed(self.classes):
+            sub.__class__ = cls
+        if self._dir is not None:
+            values = load_file(Path(self._dir.name) / "fp32.safetensors")
+            for i, p in enumerate(self.params):
+                p.data = values[str(i)].to(p.device)
+            self._dir.cleanup()
+        self.classes, self.params, self._dir = [], [], None
+
+
+def to_bf16_compute(task_model: TaskModel) -> tuple[PrecisionReport, Originals]:
+    """Apply the table above to a task model after `method.apply` (its `requires_grad` flags are final);
+    `Originals.restore()` undoes it."""
     module = task_model.module
     loaded = task_model.loaded_modules
     head_modules = {name.rpartition(".")[0] for name in task_model.head_names}
-    report = PrecisionReport()
+    report, originals = PrecisionReport(), Originals()
+    frozen: dict[int, nn.Parameter] = {}  # by id: a tied weight (embeddings = LM head) is cast once
     for name, sub in module.named_modules():
         own = list(sub.parameters(recurse=False))
         weighted = bool(own) or parametrize.is_parametrized(sub)  # parametrized: weights are functions
@@ -151,13 +185,17 @@ def to_bf16_compute(task_model: TaskModel) -> PrecisionReport:
         else:
             report.untouched.append(name)
             continue
+        originals.classes.append((sub, type(sub)))
         sub.__class__ = _subclass(type(sub), kind)
         if kind != "bf16":
             report.fp32_modules += 1
             continue
         report.bf16_modules += 1
         for p in own:  # frozen weights: stored in bf16; trainable ones stay fp32 masters
-            if not p.requires_grad and p.is_floating_point():
-                p.data = p.data.to(COMPUTE_DTYPE)
-                report.bf16_mb += p.numel() * 2 / 2**20
-    return report
+            if not p.requires_grad and p.is_floating_point() and p.dtype != COMPUTE_DTYPE:
+                frozen[id(p)] = p
+    originals.save(list(frozen.values()))
+    for p in frozen.values():
+        p.data = p.data.to(COMPUTE_DTYPE)
+        report.bf16_mb += p.numel() * 2 / 2**20
+    return report, originals

@@ -97,7 +97,8 @@ class Shifted(nn.Module):
             self._cached = None
         elif self._cached is not None and self._cached[0] == subspace._version():
             return self._cached[1]  # evaluation: W is computed once until θ_d changes
-        weight = original + subspace.piece(self.index).view_as(original).to(original.dtype)
+        shift = subspace.piece(self.index).view_as(original)  # fp32, even when θ0 is stored in bf16
+        weight = original.to(shift.dtype) + shift
         if not torch.is_grad_enabled():
             self._cached = (subspace._version(), weight)
         return weight
@@ -131,6 +132,7 @@ def apply(task_model: TaskModel, config: Config) -> None:
     subspace = Subspace(sizes, config, task_model.device())
     setattr(module, MODULE, subspace)
     for index, owners in enumerate(tensors):
+        getattr(owners[0][1], owners[0][2]).requires_grad_(False)  # θ0 stays fixed: only θ_d moves it
         for _, owner, attr in owners:
             parametrize.register_parametrization(owner, attr, Shifted(subspace, index), unsafe=True)
     module.register_forward_pre_hook(_fresh_graph(subspace))

@@ -14,6 +14,9 @@ placeholders' embeddings for P. So every head keeps working: LlamaForSequenceCla
 finds the last non-pad token from the (longer) ids, BERT position ids stay 0..n+T-1 (n+T must fit
 max_position_embeddings). `insert_at=start` puts P before everything (peft's layout: the HF BERT
 head then pools the first soft token); `insert_at=after_first` puts P after [CLS] / BOS.
+Default `start`: exported deltas give peft's logits exactly, and on MiniLM / rotten-tomatoes (1000
+train, 2 epochs, 500 test) the placement hardly matters: --pooling cls 0.644 (start) vs 0.666
+(after_first, within noise), --pooling hf 0.578 both (MiniLM's pooler is untrained), mean 0.728.
 A caller may pass `soft_prompt=(B, n, H)` (and `soft_prompt_mask=(B, n)`) to the task model's
 forward: different rows can carry different prompts. P-tuning (`ptuning.py`) reuses this hook.
 """

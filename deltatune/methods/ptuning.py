@@ -37,7 +37,7 @@ from deltatune.methods.prompt import (
 )
 
 NAME = "ptuning"
-DEFAULT_LR = 1e-3
+DEFAULT_LR = 1e-2  # rotten-tomatoes, 1000 examples, 2 epochs, mean pooling: 0.686 (1e-3: 0.584)
 PEFT_TYPE = "P_TUNING"
 ENCODERS = ("mlp", "lstm")
 

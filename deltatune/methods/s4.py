@@ -104,11 +104,12 @@ def group_sizes(layers: int, grouping: str) -> list[int]:
     weights = GROUPINGS[grouping]
     shares = [layers * w / sum(weights) for w in weights]
     sizes = [math.floor(s) for s in shares]
-    by_remainder = sorted(range(GROUPS), key=lambda g: (sizes[g] - shares[g], g))
+    by_remainder = sorted(range(GROUPS), key=lambda g: (sizes[g] - shares[g], -weights[g], g))  # ties: heavier
     for g in by_remainder[:layers - sum(sizes)]:
         sizes[g] += 1
-    while layers >= GROUPS and min(sizes) == 0:  # small models: take from the largest group
-        sizes[sizes.index(max(sizes))] -= 1
+    while layers >= GROUPS and min(sizes) == 0:  # small models: the largest (then lightest) group gives one
+        donor = max(range(GROUPS), key=lambda g: (sizes[g], -weights[g], -g))
+        sizes[donor] -= 1
         sizes[sizes.index(0)] += 1
     return sizes
 
