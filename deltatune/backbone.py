@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import weakref
@@ -22,7 +23,7 @@ from torch import nn
 
 from deltatune.errors import UserError
 
-POOLINGS = ("hf", "mean", "cls", "last", "lm")
+POOLINGS = ("hf", "mean", "cls", "last", "lm", "auto")
 """lm: no classifier; the model's own LM head (AutoModelForCausalLM / Seq2SeqLM) for generation tasks."""
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -272,6 +273,31 @@ def load_tokenizer(model_path: str):
     return tokenizer
 
 
+def sentence_transformers_pooling(model_path: str) -> str | None:
+    """The pooling a sentence-transformers folder declares (modules.json -> its Pooling module's
+    config.json): "mean" or "cls"; None for a plain Hugging Face folder or another mode."""
+    folder = Path(model_path)
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+        pooling_dir = next(m["path"] for m in modules if m.get("type", "").endswith("Pooling"))
+        config = json.loads((folder / pooling_dir / "config.json").read_text())
+    except (OSError, ValueError, StopIteration, KeyError, TypeError):
+        return None
+    if config.get("pooling_mode_mean_tokens"):
+        return "mean"
+    if config.get("pooling_mode_cls_token"):
+        return "cls"
+    return None
+
+
+def resolve_pooling(model: str | None, pooling: str) -> str:
+    """`auto`: the pooling a sentence-transformers folder was trained with (all-MiniLM-L6-v2: mean; its
+    BERT pooler is untrained), else transformers' own head ("hf"). Other values pass through."""
+    if pooling != "auto":
+        return pooling
+    return sentence_transformers_pooling(resolve_model_path(model)) or "hf"
+
+
 def load_task_model(model: str | None, num_labels: int, pooling: str = "hf",
                     device: str | torch.device = "cpu", seed: int = 0) -> TaskModel:
     """Load a classification model (or, with pooling="lm", a language model) on a frozen backbone;
@@ -288,6 +314,7 @@ def load_task_model(model: str | None, num_labels: int, pooling: str = "hf",
 
     if pooling not in POOLINGS:
         raise UserError(f"unknown pooling '{pooling}': choose one of {', '.join(POOLINGS)}")
+    pooling = resolve_pooling(model, pooling)
     model_path = resolve_model_path(model)
     config = AutoConfig.from_pretrained(model_path, local_files_only=True)
     arch = arch_for(config)

@@ -61,7 +61,8 @@ def train(*, method: str = "lora", out: str, data: TaskArgs, training: TrainConf
         method: Adaptation method (features, head, last2, full, lora, bitfit, ...).
         out: Output delta directory (replaced atomically).
         model: Hugging Face model folder or alias (default: the packaged all-MiniLM-L6-v2).
-        pooling: hf (transformers' own head), mean, cls or last.
+        pooling: hf (transformers' own head, the default: peft-exportable), mean, cls, last, or auto (the model's
+            sentence-transformers pooling if it declares one, else hf).
         unfreeze_last: With head: also train the last N transformer layers.
         set_: Method option KEY=VALUE, e.g. r=16 or target_modules=query,key,value.
         threads: torch intra-op threads (default: torch's choice).

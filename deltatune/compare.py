@@ -13,9 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from deltatune.backbone import resolve_pooling
 from deltatune.cliargs import to_argv
 from deltatune.commands import TaskArgs
 from deltatune.config import TrainConfig
+from deltatune.data import GENERATION
 from deltatune.errors import UserError
 from deltatune.io import write_json_atomic, write_text_atomic
 from deltatune.methods import REGISTRY, method_names, resolve_method
@@ -43,7 +45,7 @@ def options_for(method: str, pairs: list[str] | None) -> list[str]:
 
 
 def compare(*, methods: str = DEFAULT_METHODS, out: str = "runs/compare", data: TaskArgs, training: TrainConfig,
-            prompt: PromptArgs, model: str | None = None, pooling: str = "hf", set_: list[str] | None = None,
+            prompt: PromptArgs, model: str | None = None, pooling: str = "auto", set_: list[str] | None = None,
             threads: int | None = None) -> int:
     """Train several methods on the same task and split; print and plot the comparison.
 
@@ -51,7 +53,8 @@ def compare(*, methods: str = DEFAULT_METHODS, out: str = "runs/compare", data: 
         methods: Comma-separated methods, or 'all'.
         out: Output directory for results.json, results.md, the plot and each method's delta.
         model: Hugging Face model folder or alias (default: the packaged all-MiniLM-L6-v2).
-        pooling: hf (transformers' own head), mean, cls or last.
+        pooling: auto (the model's sentence-transformers pooling if it declares one, else hf), hf
+            (transformers' own head), mean, cls or last.
         set_: Method option, `METHOD.KEY=VALUE` for one method or `KEY=VALUE` for every method that has it.
         threads: torch intra-op threads per child process.
     """
@@ -64,6 +67,9 @@ def compare(*, methods: str = DEFAULT_METHODS, out: str = "runs/compare", data: 
             if getattr(data, key) is None:
                 setattr(data, key, value)
     task = data.load(training.seed)  # validates the data once, in this process
+    if pooling == "auto" and task.kind == GENERATION:
+        pooling = "hf"  # train uses the LM head for generation tasks whatever --pooling says
+    pooling = resolve_pooling(model, pooling)
     print(f"compare: {task.summary()}; methods: {', '.join(names)}", file=sys.stderr)
     out_dir = Path(out)
     rows: list[dict] = []
@@ -86,7 +92,9 @@ def compare(*, methods: str = DEFAULT_METHODS, out: str = "runs/compare", data: 
             continue
         row = json.loads(proc.stdout)
         rows.append(row)
-        print(f"{name}: accuracy {row['accuracy']:.4f} in {row['train_seconds']:.1f} s", file=sys.stderr)
+        quality = (f"accuracy {row['accuracy']:.4f}" if "accuracy" in row
+                   else f"loss {row.get('loss', float('nan')):.4f}")
+        print(f"{name}: {quality} in {row.get('train_seconds', 0.0):.1f} s", file=sys.stderr)
     done = [r for r in rows if "error" not in r]
     if not done:
         raise UserError("every method failed; see the messages above")

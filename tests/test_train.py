@@ -92,3 +92,26 @@ def test_evaluation_returns_logits_in_input_order(tiny_dir, toy_csv):
     together = predict_logits(tm, test, batch_size=7)
     one_by_one = torch.cat([predict_logits(tm, [r], batch_size=1) for r in test])
     assert torch.allclose(together, one_by_one, atol=1e-5)
+
+
+def test_auto_pooling_follows_a_sentence_transformers_folder(tiny_dir, tmp_path):
+    import json
+    import shutil
+
+    from deltatune.backbone import load_task_model, resolve_pooling
+
+    plain = tiny_dir("bert")
+    assert resolve_pooling(plain, "auto") == "hf" and resolve_pooling(plain, "cls") == "cls"
+    st = tmp_path / "st"
+    shutil.copytree(plain, st)
+    (st / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (st / "1_Pooling").mkdir()
+    (st / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    assert resolve_pooling(str(st), "auto") == "mean"
+    assert load_task_model(str(st), num_labels=2, pooling="auto").pooling == "mean"
+    (st / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    assert resolve_pooling(str(st), "auto") == "cls"
+    (st / "modules.json").write_text("{not json")
+    assert resolve_pooling(str(st), "auto") == "hf"
