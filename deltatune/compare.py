@@ -90,7 +90,12 @@ def compare(*, methods: str = DEFAULT_METHODS, out: str = "runs/compare", data: 
             print(f"compare: {name} failed (exit {proc.returncode}); continuing", file=sys.stderr)
             rows.append({"method": name, "error": f"exit {proc.returncode}"})
             continue
-        row = json.loads(proc.stdout)
+        try:
+            row = json.loads(proc.stdout)
+        except ValueError:
+            print(f"compare: {name} printed no JSON result; continuing", file=sys.stderr)
+            rows.append({"method": name, "error": "no JSON result"})
+            continue
         rows.append(row)
         quality = (f"accuracy {row['accuracy']:.4f}" if "accuracy" in row
                    else f"loss {row.get('loss', float('nan')):.4f}")

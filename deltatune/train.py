@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -175,14 +176,15 @@ def _gradient_loop(task_model, method, method_config, train, validation, config,
                 if on_step is not None:  # before zero_grad: the gradients are still there (AdaLoRA uses them)
                     on_step(task_model, method_config, step, total_steps)
                 optimizer.zero_grad(set_to_none=True)
-            bar.set_postfix(loss=f"{epoch_loss / seen:.4f}",
+            bar.set_postfix(refresh=False, loss=f"{epoch_loss / seen:.4f}",
                             ex_s=f"{seen / (time.perf_counter() - epoch_start):.1f}")
         train_clock += time.perf_counter() - epoch_start
         val = validate(task_model, validation, config, cache)
         history.append({"epoch": epoch, "train_loss": epoch_loss / max(1, seen), **val,
                         "train_seconds": train_clock})  # time in training steps so far, evaluation excluded
         if config.progress:
-            tqdm.write(f"epoch {epoch}: train loss {epoch_loss / max(1, seen):.4f}, validation {describe(val)}")
+            tqdm.write(f"epoch {epoch}: train loss {epoch_loss / max(1, seen):.4f}, validation {describe(val)}",
+                       file=sys.stderr)  # stdout carries --json output only
         score = val["accuracy"] if "accuracy" in val else -val["loss"]  # LM tasks: the lowest loss wins
         if score > best_score or not keep_best:
             best_score, best_epoch, best_val = score, epoch, val

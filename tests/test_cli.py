@@ -53,8 +53,9 @@ def assert_user_error(proc, *fragments):
 def trained(tiny_dir, toy_csv, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "lora-delta"
     proc = run_process("train", "--method", "lora", "--model", tiny_dir("bert"), "--data", toy_csv, "--epochs", "2",
-               "--batch-size", "16", "--out", str(out), "--json", "--no-progress", "--threads", "1")
+               "--batch-size", "16", "--out", str(out), "--json", "--threads", "1")
     assert proc.returncode == 0, proc.stderr
+    assert "epoch 2/2" in proc.stderr  # the progress bar and epoch lines go to stderr; stdout is the JSON alone
     return out, json.loads(proc.stdout)
 
 
