@@ -36,7 +36,7 @@ from torch import nn
 
 from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
-from deltatune.methods.base import linear_dims, replace_module, resolve_targets, train_head, trainable_state
+from deltatune.methods.base import AdaptedLayer, replace_module, resolve_targets, train_head, trainable_state
 
 NAME = "adalora"
 DEFAULT_LR = 1e-2
@@ -81,19 +81,16 @@ class Config:
     """Schedule length T in optimizer steps; None: the training loop's (recorded here when training starts)."""
 
 
-class SVDLinear(nn.Module):
+class SVDLinear(AdaptedLayer):
     """A frozen linear (or Conv1D) layer plus named updates P Λ Q, each with a mask of kept triplets."""
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float, name: str = ADAPTER):
-        super().__init__()
-        self.base_layer = base_layer
-        self.in_features, self.out_features = linear_dims(base_layer)
+        super().__init__(base_layer, name)
         self.lora_A = nn.ParameterDict()  # Q: (r, k) right singular vectors
         self.lora_E = nn.ParameterDict()  # λ: (r, 1) singular values
         self.lora_B = nn.ParameterDict()  # P: (d, r) left singular vectors
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
-        self.active_adapter: str | None = name
         self.add_adapter(name, r, alpha, dropout)
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float) -> None:
@@ -109,14 +106,6 @@ class SVDLinear(nn.Module):
 
     def rank_mask(self, name: str = ADAPTER) -> torch.Tensor:
         return getattr(self, f"rank_mask_{name}")
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, T, k) -> (B, T, d)

@@ -89,6 +89,27 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
     raise UserError(f"cannot adapt a {type(module).__name__}: only Linear/Conv1D projections are supported")
 
 
+class AdaptedLayer(nn.Module):
+    """A frozen linear (or Conv1D) `base_layer` with a method's named adapters beside it (peft's layout).
+
+    `weight` and `bias` are the base layer's, so code that reads layer.weight (e.g. dtype checks) keeps
+    working; `active_adapter` None runs the base layer alone."""
+
+    def __init__(self, base_layer: nn.Module, name: str):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = linear_dims(base_layer)
+        self.active_adapter: str | None = name
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+
 ROLE_NAMES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
 
 

@@ -24,7 +24,14 @@ from torch import nn
 
 from deltatune.backbone import ARCHITECTURES, TaskModel
 from deltatune.errors import UserError
-from deltatune.methods.base import ROLE_NAMES, linear_dims, replace_module, resolve_targets, train_head
+from deltatune.methods.base import (
+    ROLE_NAMES,
+    AdaptedLayer,
+    linear_dims,
+    replace_module,
+    resolve_targets,
+    train_head,
+)
 
 NAME = "ia3"
 DEFAULT_LR = 1e-2  # vectors around 1 take large steps (rotten-tomatoes, 1k, 2 epochs: 0.742 vs 0.704 at 3e-3)
@@ -52,33 +59,22 @@ def rescale(h: torch.Tensor, vector: torch.Tensor, start: int, stop: int) -> tor
     return torch.cat([h[..., :start], scaled, h[..., stop:]], dim=-1)  # (B, T, F)
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(AdaptedLayer):
     """A frozen linear (or Conv1D) layer whose output features [start, stop), or whose input, are rescaled."""
 
     def __init__(self, base_layer: nn.Module, feedforward: bool, span: tuple[int, int] | None = None,
                  name: str = ADAPTER):
-        super().__init__()
-        self.base_layer = base_layer
-        self.in_features, self.out_features = linear_dims(base_layer)
+        super().__init__(base_layer, name)
         self.is_feedforward = feedforward
         self.span = span or (0, self.out_features)
         """The output features that are scaled (a fused q/k/v projection: the k and v thirds)."""
         self.ia3_l = nn.ParameterDict()
-        self.active_adapter: str | None = name
         self.add_adapter(name)
 
     def add_adapter(self, name: str) -> None:
         shape = (1, self.in_features) if self.is_feedforward else (self.span[1] - self.span[0], 1)
         # ones: the layer is unchanged at initialisation
         self.ia3_l[name] = nn.Parameter(torch.ones(shape, device=self.base_layer.weight.device))
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, T, in) -> (B, T, out)

@@ -23,9 +23,9 @@ from torch import nn
 from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
 from deltatune.methods.base import (
+    AdaptedLayer,
     layer_of,
     layer_selection,
-    linear_dims,
     replace_module,
     resolve_targets,
     train_head,
@@ -52,18 +52,15 @@ class Config:
     """Adapt only the targets in these transformer layers (indices from 0); None: every layer."""
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(AdaptedLayer):
     """A frozen linear (or Conv1D) layer plus named low-rank updates."""
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float, name: str = ADAPTER):
-        super().__init__()
-        self.base_layer = base_layer
-        self.in_features, self.out_features = linear_dims(base_layer)
+        super().__init__(base_layer, name)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
-        self.active_adapter: str | None = name
         self.add_adapter(name, r, alpha, dropout)
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float) -> None:
@@ -74,14 +71,6 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B[name].weight)  # B = 0 so that ΔW = BA = 0 at initialisation
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = alpha / r
-
-    @property
-    def weight(self) -> torch.Tensor:  # code that reads layer.weight (e.g. dtype checks) keeps working
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, T, k) -> (B, T, d)
