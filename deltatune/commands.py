@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,13 +84,26 @@ def train(*, method: str = "lora", out: str, data: TaskArgs, training: TrainConf
                                      options=options, train=training, prompt=prompt), out)
     quality = (f"test loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f}" if "loss" in metrics
                else f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")
-    if json_:
-        print(json.dumps(metrics, indent=2))
-    else:
-        print(f"{method}: {quality}, "
-              f"{metrics['trainable_params']:,} trainable parameters ({metrics['trainable_pct']:.3f}%), "
-              f"{metrics['train_seconds']:.1f} s; delta written to {out} ({metrics['delta_bytes']:,} bytes)")
+    return print_metrics(metrics, json_, lambda: (
+        f"{method}: {quality}, "
+        f"{metrics['trainable_params']:,} trainable parameters ({metrics['trainable_pct']:.3f}%), "
+        f"{metrics['train_seconds']:.1f} s; delta written to {out} ({metrics['delta_bytes']:,} bytes)"))
+
+
+def print_metrics(metrics: dict, json_: bool, summary: Callable[[], str]) -> int:
+    """A command's result: the metrics as JSON (--json) or its one-line summary; the exit code (0)."""
+    print(json.dumps(metrics, indent=2) if json_ else summary())
     return 0
+
+
+def print_eval(metrics: dict, meta: dict, task: TaskData, split: str, examples: int, json_: bool,
+               scores: Callable[[], str]) -> int:
+    """`deltatune eval`'s output: the metrics tagged with task, split, example count and method; `scores`
+    gives the summary's quality part (accuracy, or loss of a generation delta)."""
+    metrics.update(task=task.name, split=split, examples=examples, method=meta["method"])
+    return print_metrics(metrics, json_, lambda: (
+        f"{meta['method']} on {task.name}/{split} ({examples} examples): {scores()}, "
+        f"{metrics['inference_ms_per_example']:.2f} ms/example"))
 
 
 def evaluate(delta: str, *, data: TaskArgs, split: str = "test", model: str | None = None,
@@ -128,14 +142,8 @@ def evaluate(delta: str, *, data: TaskArgs, split: str = "test", model: str | No
         max_length = meta.get("train_config", {}).get("max_length", 128)
         rows = encode(loaded.task_model.tokenizer, examples, max_length, split)
         metrics = run_eval(loaded.task_model, rows, batch_size, precision)
-    metrics.update(task=task.name, split=split, examples=len(rows), method=meta["method"])
-    if json_:
-        print(json.dumps(metrics, indent=2))
-    else:
-        print(f"{meta['method']} on {task.name}/{split} ({len(rows)} examples): accuracy "
-              f"{metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
-              f"{metrics['inference_ms_per_example']:.2f} ms/example")
-    return 0
+    return print_eval(metrics, meta, task, split, len(rows), json_,
+                      lambda: f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")
 
 
 def remap_labels(examples, data_labels: list[str], delta_labels: list[str]):

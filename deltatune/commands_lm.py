@@ -69,6 +69,7 @@ def evaluate_generation(delta: str, meta: dict, task, split: str, model: str | N
                         precision: str, device: str, json_: bool) -> int:
     """`deltatune eval` of a generation delta: loss per answer token and perplexity on a split."""
     from deltatune.backbone import pick_device
+    from deltatune.commands import print_eval
     from deltatune.delta import load_delta
     from deltatune.generation import encode_lm, evaluate_lm, is_seq2seq
 
@@ -79,10 +80,5 @@ def evaluate_generation(delta: str, meta: dict, task, split: str, model: str | N
     rows = encode_lm(loaded.task_model.tokenizer, getattr(task, split), max_length, split,
                      seq2seq=is_seq2seq(loaded.task_model))
     metrics = evaluate_lm(loaded.task_model, rows, batch_size, precision)
-    metrics.update(task=task.name, split=split, examples=len(rows), method=meta["method"])
-    if json_:
-        print(json.dumps(metrics, indent=2))
-    else:
-        print(f"{meta['method']} on {task.name}/{split} ({len(rows)} examples): loss {metrics['loss']:.4f}, "
-              f"perplexity {metrics['perplexity']:.2f}, {metrics['inference_ms_per_example']:.2f} ms/example")
-    return 0
+    return print_eval(metrics, meta, task, split, len(rows), json_,
+                      lambda: f"loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f}")
