@@ -40,6 +40,14 @@ class TaskArgs:
                          train_size=self.train_size, val_size=self.val_size, test_size=self.test_size,
                          seed=seed)
 
+    def default_to(self, task: str, sizes: dict[str, int]) -> None:
+        """With neither --task nor --data: `task`, subsampled to `sizes` where no size was given."""
+        if not (self.task or self.data):
+            self.task = task
+            for key, value in sizes.items():
+                if getattr(self, key) is None:
+                    setattr(self, key, value)
+
 
 def parse_options(pairs: list[str] | None) -> dict[str, str]:
     """`--set r=16 --set target_modules=query,value` -> {"r": "16", "target_modules": "query,value"}."""

@@ -246,11 +246,7 @@ def search(*, budget: str = "0.5%", trials: int = 8, eta: int = 2, out: str = "r
         raise UserError("--trials must be at least 1 and --eta at least 2")
     set_threads(threads)
     config = training.validate()
-    if not (data.task or data.data):
-        data.task = DEFAULT_TASK
-        for key, size in DEFAULT_SIZES.items():
-            if getattr(data, key) is None:
-                setattr(data, key, size)
+    data.default_to(DEFAULT_TASK, DEFAULT_SIZES)
     task = data.load(config.seed)
     if task.kind != "classification":
         raise UserError("search scores designs by validation accuracy: it needs a classification task")

@@ -147,11 +147,7 @@ def intrinsic(*, dims: str = "10,30,100,300,1000,3000", out: str = "runs/intrins
         threads: torch intra-op threads per child process.
     """
     values = parse_dims(dims)
-    if not (data.task or data.data):
-        data.task = DEFAULT_TASK
-        for key, value in DEFAULT_SIZES.items():
-            if getattr(data, key) is None:
-                setattr(data, key, value)
+    data.default_to(DEFAULT_TASK, DEFAULT_SIZES)
     task = data.load(training.seed)
     print(f"intrinsic: {task.summary()}; d in {values}", file=sys.stderr)
     out_dir = Path(out)
