@@ -36,10 +36,12 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
-from deltatune.methods.base import layer_selection, train_head, trainable_state
+from deltatune.methods.base import layer_selection, train_head
 from deltatune.methods.prompt import (
     ADAPTER,
-    load_state,
+    folded_state,
+    install_once,
+    load_folded,
     max_positions,
     own_tensors,
     positional_kwargs,
@@ -323,29 +325,17 @@ def apply(task_model: TaskModel, config: Config) -> None:
 
 def install_hooks(task_model: TaskModel, rows: list[int] | None = None) -> PrefixHooks:
     """Hook the task model once; a prefix is never skipped by the frozen-prefix cache."""
-    module = task_model.module
-    if getattr(module, "prefix_hooks", None) is not None:
-        module.prefix_hooks.remove()
-    module.prefix_hooks = PrefixHooks(task_model, rows)
-    module.no_prefix_cache = True
-    return module.prefix_hooks
+    return install_once(task_model, "prefix_hooks", lambda: PrefixHooks(task_model, rows))
 
 
 def delta_state(task_model: TaskModel, config: Config) -> dict[str, torch.Tensor]:
     """The head and the folded prefix P (layers, 2, n, kv_dim); the MLP is not saved."""
-    encoder = task_model.module.prompt_encoder[ADAPTER]
-    state = own_tensors(trainable_state(task_model.module))
-    with torch.no_grad():
-        state[PREFIX_KEY] = encoder().detach().float().cpu().contiguous()
-    return state
+    return folded_state(task_model, PREFIX_KEY)
 
 
 def load_delta_state(task_model: TaskModel, config: Config, tensors: dict[str, torch.Tensor]) -> None:
     """Replace the MLP by the folded prefix and load it (and the head)."""
-    if PREFIX_KEY not in tensors:
-        raise UserError(f"prefix delta has no '{PREFIX_KEY}' tensor")
-    set_encoder(task_model, Prefix(torch.zeros_like(tensors[PREFIX_KEY], device=task_model.device())))
-    load_state(task_model, tensors, NAME)
+    load_folded(task_model, tensors, PREFIX_KEY, NAME, Prefix)
 
 
 def to_peft(config: Config, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -24,14 +24,16 @@ forward: different rows can carry different prompts. P-tuning (`ptuning.py`) reu
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
-from deltatune.methods.base import train_head
+from deltatune.methods.base import train_head, trainable_state
 
 NAME = "prompt"
 DEFAULT_LR = 3e-2
@@ -248,14 +250,20 @@ class PromptHooks:
             output.logits = torch.cat([logits[:, :at], logits[:, at + n:]], dim=1)  # (B, T, V)
 
 
+def install_once(task_model: TaskModel, attr: str, make_hooks: Callable[[], Any]) -> Any:
+    """Hooks made by `make_hooks` kept as `module.<attr>`, replacing (removing) earlier ones there; methods
+    with such hooks (soft tokens, prefixes) are never skipped by the frozen-prefix cache."""
+    module = task_model.module
+    if getattr(module, attr, None) is not None:
+        getattr(module, attr).remove()
+    setattr(module, attr, make_hooks())
+    module.no_prefix_cache = True
+    return getattr(module, attr)
+
+
 def install_hooks(task_model: TaskModel, insert_at: str) -> PromptHooks:
     """Hook the task model once; soft-token methods are never skipped by the frozen-prefix cache."""
-    module = task_model.module
-    if getattr(module, "prompt_hooks", None) is not None:
-        module.prompt_hooks.remove()
-    module.prompt_hooks = PromptHooks(task_model, insert_at)
-    module.no_prefix_cache = True
-    return module.prompt_hooks
+    return install_once(task_model, "prompt_hooks", lambda: PromptHooks(task_model, insert_at))
 
 
 def set_encoder(task_model: TaskModel, encoder: nn.Module) -> None:
@@ -299,6 +307,29 @@ ENCODER_KEY = f"prompt_encoder.{ADAPTER}.embedding.weight"
 def own_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Everything but the method's own modules (the head), under deltatune's names."""
     return {k: v for k, v in tensors.items() if not k.startswith("prompt_encoder.")}
+
+
+def folded_state(task_model: TaskModel, key: str) -> dict[str, torch.Tensor]:
+    """The head and the prompt encoder's output under `key` (the folded form: the encoder is not saved),
+    computed in eval mode (no dropout)."""
+    encoder = task_model.module.prompt_encoder[ADAPTER]
+    state = own_tensors(trainable_state(task_model.module))
+    was_training = encoder.training
+    encoder.eval()
+    with torch.no_grad():
+        state[key] = encoder().detach().float().cpu().contiguous()
+    encoder.train(was_training)
+    return state
+
+
+def load_folded(task_model: TaskModel, tensors: dict[str, torch.Tensor], key: str, method: str,
+                folded: Callable[[torch.Tensor], nn.Module]) -> None:
+    """Replace the encoder by `folded` (a module that returns its tensor, zeros here) and load the folded
+    tensor `key` into it (and the head)."""
+    if key not in tensors:
+        raise UserError(f"{method} delta has no '{key}' tensor")
+    set_encoder(task_model, folded(torch.zeros_like(tensors[key], device=task_model.device())))
+    load_state(task_model, tensors, method)
 
 
 def soft_tokens_to_peft(tensors: dict[str, torch.Tensor], insert_at: str) -> tuple[dict, dict]:

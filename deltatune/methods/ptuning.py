@@ -21,14 +21,13 @@ from torch import nn
 
 from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
-from deltatune.methods.base import train_head, trainable_state
+from deltatune.methods.base import train_head
 from deltatune.methods.prompt import (
-    ADAPTER,
     ENCODER_KEY,
     SoftPrompt,
+    folded_state,
     install_hooks,
-    load_state,
-    own_tensors,
+    load_folded,
     sampled_vocab_ids,
     set_encoder,
     soft_tokens_from_peft,
@@ -99,22 +98,12 @@ def apply(task_model: TaskModel, config: Config) -> None:
 
 def delta_state(task_model: TaskModel, config: Config) -> dict[str, torch.Tensor]:
     """The head and the encoder's output h (n, H) under the soft prompt's name; the encoder is not saved."""
-    encoder = task_model.module.prompt_encoder[ADAPTER]
-    state = own_tensors(trainable_state(task_model.module))
-    was_training = encoder.training
-    encoder.eval()  # no dropout in the folded tokens
-    with torch.no_grad():
-        state[ENCODER_KEY] = encoder().detach().float().cpu().contiguous()
-    encoder.train(was_training)
-    return state
+    return folded_state(task_model, ENCODER_KEY)  # eval mode: no dropout in the folded tokens
 
 
 def load_delta_state(task_model: TaskModel, config: Config, tensors: dict[str, torch.Tensor]) -> None:
     """Replace the encoder by the folded virtual tokens and load them (and the head)."""
-    if ENCODER_KEY not in tensors:
-        raise UserError(f"ptuning delta has no '{ENCODER_KEY}' tensor")
-    set_encoder(task_model, SoftPrompt(torch.zeros_like(tensors[ENCODER_KEY], device=task_model.device())))
-    load_state(task_model, tensors, NAME)
+    load_folded(task_model, tensors, ENCODER_KEY, NAME, SoftPrompt)
 
 
 def to_peft(config: Config, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
