@@ -10,12 +10,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from deltatune.errors import UserError
+from deltatune.io import atomic_directory
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -51,21 +50,12 @@ def converted_folder(gguf_path: str | Path) -> str:
 
     print(f"deltatune: converting {gguf_path.name} to safetensors once (about 30 s); cached in {target}",
           flush=True, file=sys.stderr)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
+    with atomic_directory(target, keep_existing=True) as tmp:  # another process won the race: keep theirs
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
                                                      dtype=torch.float32)
         save_plain(model, tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():  # another process won the race: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return str(target)
 
 

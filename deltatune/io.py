@@ -31,14 +31,18 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `path`, on failure it is removed."""
+def atomic_directory(path: str | Path, keep_existing: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces `path`, on failure it is removed.
+
+    keep_existing: a `path` that exists by then (another process won the race) is kept, ours removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        if path.exists():
+        if keep_existing and path.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             path.rename(old)
