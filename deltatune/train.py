@@ -26,7 +26,7 @@ from deltatune.caching import FrozenPrefixCache, frozen_prefix_depth
 from deltatune.config import TrainConfig
 from deltatune.evaluate import autocast_for, evaluate, pooled_features
 from deltatune.fast import autocast_precision, training_forward
-from deltatune.methods.base import trainable_state
+from deltatune.methods.base import default_lr, trainable_state
 
 
 @dataclass
@@ -135,7 +135,7 @@ def describe(metrics: dict[str, float]) -> str:
 
 def _gradient_loop(task_model, method, method_config, train, validation, config, cache, start, cache_info):
     module, device = task_model.module, task_model.device()
-    lr = config.lr if config.lr is not None else method.DEFAULT_LR
+    lr = config.lr if config.lr is not None else default_lr(method, method_config)
     optimizer = build_optimizer(module, lr, config.weight_decay)
     lengths = [len(r.input_ids) for r in train]
     steps_per_epoch = math.ceil(math.ceil(len(train) / config.batch_size) / config.grad_accum)

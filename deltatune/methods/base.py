@@ -14,6 +14,7 @@ and optionally:
     on_train_step(task_model, config, step, total_steps)      called after each optimizer step (AdaLoRA)
     delta_state(task_model, config) -> dict[str, Tensor]      what to save; default: trainable tensors
     pooling_for(requested, arch) -> str                         the pooling the method needs
+    default_lr(config) -> float                                 DEFAULT_LR that depends on the options
 
 Deltas are saved as the trainable tensors under their parameter names, so `apply` + loading those
 tensors reproduces the trained model exactly.
@@ -39,6 +40,11 @@ class AdaptationMethod(Protocol):
     DEFAULT_LR: float
 
     def apply(self, task_model: TaskModel, config: Any) -> None: ...
+
+
+def default_lr(method: Any, config: Any) -> float:
+    """The learning rate a method trains with when the user gives none."""
+    return method.default_lr(config) if hasattr(method, "default_lr") else method.DEFAULT_LR
 
 
 def mark_trainable(module: nn.Module, names: Iterable[str]) -> None:

@@ -18,12 +18,20 @@ from deltatune.methods.base import train_head
 
 NAME = "head"
 DEFAULT_LR = 1e-3
+"""With layers unfrozen (last2: rotten-tomatoes 2000 examples, 3 epochs, mean pooling: 0.772)."""
+PROBE_LR = 2e-2
+"""Head only: a linear probe takes large steps (same run: 0.673 at 1e-3, 0.719 at 1e-2, 0.723 at 3e-2,
+0.683 at 1e-1; scikit-learn's logistic regression on the same features: 0.722)."""
 
 
 @dataclass
 class Config:
     unfreeze_last: int = 0
     """Number of top transformer layers that train with the head (0: head only)."""
+
+
+def default_lr(config: Config) -> float:
+    return DEFAULT_LR if config.unfreeze_last else PROBE_LR
 
 
 def apply(task_model: TaskModel, config: Config) -> None:
