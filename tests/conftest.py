@@ -22,3 +22,10 @@ def tiny_dir(tmp_path_factory):
 def toy_csv(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "toy.csv"
     return tiny.write_csv(path, tiny.toy_sentiment_rows(240))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a whole test module: `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    with tiny.torch_threads(1):
+        yield

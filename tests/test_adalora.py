@@ -15,12 +15,7 @@ from deltatune.methods import adalora, resolve_method
 from deltatune.workflow import TrainJob, run_train_job
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (conftest.py)
 
 
 def inputs_of(task_model) -> dict:

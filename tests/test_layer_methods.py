@@ -61,10 +61,8 @@ def no_dropout(task_model):
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead on a shared machine
-    yield
-    torch.set_num_threads(threads)
+    with tiny.torch_threads(1):  # tiny models: threads only add overhead on a shared machine
+        yield
 
 
 @pytest.mark.parametrize("case", list(CASES))

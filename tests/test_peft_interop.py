@@ -28,12 +28,7 @@ PEFT_TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
 LABELS = ["neg", "neutral", "pos"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (conftest.py)
 
 
 def inputs_for(tokenizer) -> dict:

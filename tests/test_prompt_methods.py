@@ -25,13 +25,7 @@ SMALL = {"prompt": {"num_virtual_tokens": 4}, "prefix": {"num_virtual_tokens": 4
 TEXTS = ["good movie", "the plot was awful and dull", "a film"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and leave the other core to whoever shares the machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (conftest.py)
 
 
 def prepared(tiny_dir, name, kind, pooling="hf", num_labels=2, **options):

@@ -50,13 +50,7 @@ VARIANTS: dict[str, tuple[str, dict, str, tuple[str, ...]]] = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is fastest (and does not fight other processes for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (conftest.py)
 
 
 def make_delta(out: Path, model: str, method: str, options: dict | None = None, pooling: str = "hf",

@@ -16,9 +16,9 @@ num_key_value_heads * head_dim (SmolLM2: 3 * 64), the prefix is repeated over qu
 
 Mechanism: transformers' cache. The prefix becomes a `PrefixCache` (a DynamicCache whose layers
 return [prefix; new] without storing new, so a recomputation under gradient checkpointing sees the
-same thing) passed as `past_key_values`: the model extends its masks and shifts position ids by n
+same thing) passed as the cache argument (`past_key_values`, `cache` from transformers 5.24): the model extends its masks and shifts position ids by n
 itself (BERT: n + T must fit its 512 positions). The attention mask is extended by n. Gradient
-checkpointing drops `past_key_values` inside layers, so the cache also travels as `prefix_cache` and
+checkpointing drops the cache inside layers, so the cache also travels as `prefix_cache` and
 a hook on each attention module puts it back. A caller may pass `prefix_kv=(B, layers, 2, n, kv_dim)`
 (and `prefix_mask=(B, n)`) to the task model: different rows can carry different prefixes.
 `generate` works too: the prefix is written into its cache on the first step.
@@ -39,6 +39,9 @@ from deltatune.errors import UserError
 from deltatune.methods.base import layer_selection, train_head
 from deltatune.methods.prompt import (
     ADAPTER,
+    CACHE_KWARGS,
+    cache_in,
+    cache_kwarg,
     folded_state,
     install_once,
     load_folded,
@@ -138,6 +141,7 @@ class PrefixHooks:
         self.rows = rows
         """The layers with a prefix (`layers` option); the encoder's output has one entry per row."""
         self.causal = task_model.arch.is_decoder
+        self.backbone_cache = cache_kwarg(self.backbone)
         self.width = 0
         self.pending: tuple[torch.Tensor, torch.Tensor | None] | None = None
         attentions = [layer.get_submodule(task_model.arch.attention) for layer in self.layers]
@@ -178,7 +182,9 @@ class PrefixHooks:
         kwargs = positional_kwargs(args, kwargs)
         first = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
         b, t, n = first.shape[0], first.shape[1], prefix.shape[3]
-        cache = kwargs.get("past_key_values")
+        cache = cache_in(kwargs)
+        for name in CACHE_KWARGS:
+            kwargs.pop(name, None)
         seen = 0 if cache is None else cache.get_seq_length()
         if self.max_positions is not None and (seen or n) + t > self.max_positions:  # seen counts the prefix
             raise UserError(f"{n} prefix positions + {t} input tokens exceed the model's {self.max_positions} "
@@ -188,7 +194,7 @@ class PrefixHooks:
         elif seen == 0:  # the first generation step: the caller's cache starts with the prefix
             for i, (keys, values) in enumerate(per_layer(prefix, self.shape)):
                 cache.update(keys, values, i)
-        kwargs["past_key_values"] = cache
+        kwargs[self.backbone_cache] = cache
         mask = kwargs.get("attention_mask")
         if mask is not None or prefix_mask is not None:
             mask = torch.ones(b, max(seen - n, 0) + t, dtype=torch.long, device=first.device) if mask is None else mask
@@ -198,10 +204,10 @@ class PrefixHooks:
             kwargs["position_ids"] = kwargs["position_ids"] + n
         return (), kwargs
 
-    def before_attention(self, _attention, args, kwargs):
+    def before_attention(self, attention, args, kwargs):
         cache = kwargs.pop("prefix_cache", None)
-        if cache is not None and kwargs.get("past_key_values") is None:  # dropped by gradient checkpointing
-            kwargs["past_key_values"] = cache
+        if cache is not None and cache_in(kwargs) is None:  # dropped by gradient checkpointing
+            kwargs[cache_kwarg(attention)] = cache
         return args, kwargs
 
     def hide_prefix(self, _attention, args, kwargs):

@@ -23,6 +23,7 @@ forward: different rows can carry different prompts. P-tuning (`ptuning.py`) reu
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -164,9 +165,23 @@ def shift_positions(position_ids: torch.Tensor | None, n: int, at: int | None) -
     return torch.cat([position_ids[:, :at], slots, position_ids[:, at:] + n], dim=1)
 
 
+CACHE_KWARGS = ("past_key_values", "cache")
+"""The names transformers gives the key/value cache argument (5.24 renamed `past_key_values` to `cache`)."""
+
+
+def cache_in(kwargs: dict) -> Any:
+    """The key/value cache a forward was given, under either name, or None."""
+    return next((kwargs[name] for name in CACHE_KWARGS if kwargs.get(name) is not None), None)
+
+
+def cache_kwarg(module: nn.Module) -> str:
+    """The name `module.forward` takes the cache by (transformers' decorators keep the real signature)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
 def is_decoding(kwargs: dict) -> bool:
     """A generation step after the first: the inserted slots already sit in the caller's cache."""
-    cache = kwargs.get("past_key_values")
+    cache = cache_in(kwargs)
     return cache is not None and cache.get_seq_length() > 0
 
 
