@@ -35,7 +35,7 @@ def _load(target: str):
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from deltatune.cliargs import build_parser
+    from deltatune.cliargs import build_parser, help_safe
 
     parser = argparse.ArgumentParser(prog="deltatune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -45,7 +45,8 @@ def make_parser() -> argparse.ArgumentParser:
         except ImportError:  # a command whose module is not there yet
             continue
         doc = (func.__doc__ or "").strip().splitlines()
-        cmd = sub.add_parser(name, help=doc[0] if doc else "", description=doc[0] if doc else "")
+        summary = help_safe(doc[0]) if doc else ""
+        cmd = sub.add_parser(name, help=summary, description=summary)
         cmd.add_argument("--config", help="YAML/TOML/JSON file of flag defaults (flags on the command line win)")
         build_parser(cmd, func)
         cmd.set_defaults(_func=func)

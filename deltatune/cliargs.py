@@ -65,8 +65,14 @@ def _base_type(hint: Any) -> Any:
     return hint
 
 
+def help_safe(text: str) -> str:
+    """Help text with `%` doubled: argparse %-formats help strings ("0.5%" would crash --help)."""
+    return text.replace("%", "%%")
+
+
 def _add(parser: argparse.ArgumentParser, name: str, hint: Any, default: Any, help_text: str,
          positional: bool, dest: str) -> None:
+    help_text = help_safe(help_text)
     base = _base_type(hint)
     origin = typing.get_origin(base)
     if positional:
@@ -77,7 +83,7 @@ def _add(parser: argparse.ArgumentParser, name: str, hint: Any, default: Any, he
             kwargs.update(nargs="?", default=default)
         parser.add_argument(dest, metavar=name.upper(), **kwargs)
         return
-    shown = "" if default in (None, inspect.Parameter.empty, False, ()) else f" (default: {default})"
+    shown = "" if default in (None, inspect.Parameter.empty, False, ()) else help_safe(f" (default: {default})")
     if base is bool:
         action = argparse.BooleanOptionalAction if default is True else "store_true"
         parser.add_argument(flag(name), dest=dest, action=action, default=bool(default), help=help_text)

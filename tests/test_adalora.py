@@ -14,7 +14,6 @@ from deltatune.errors import UserError
 from deltatune.methods import adalora, resolve_method
 from deltatune.workflow import TrainJob, run_train_job
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (conftest.py)
 
 

@@ -6,12 +6,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
-
 import tiny
+import torch
 
 
 def run(*args, input_text=None):
@@ -188,3 +186,15 @@ def test_a_failed_save_leaves_the_old_delta_intact(trained, tmp_path):
         raise RuntimeError("disk full")
     assert (target / "delta.json").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["keep"]
+
+
+def test_help_of_every_command():
+    """--help never crashes (argparse %-formats help text: a bare "0.5%" once broke it)."""
+    from deltatune.cli import COMMANDS, make_parser
+
+    parser = make_parser()
+    assert "train" in parser.format_help()
+    subparsers = parser._subparsers._group_actions[0].choices
+    assert set(COMMANDS) <= set(subparsers)
+    for name, sub in subparsers.items():
+        assert sub.format_help().startswith("usage: "), name

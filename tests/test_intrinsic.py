@@ -9,7 +9,12 @@ from deltatune.backbone import ARCHITECTURES, TaskModel, load_task_model
 from deltatune.delta import load_delta, read_meta, read_tensors, save_delta
 from deltatune.errors import UserError
 from deltatune.intrinsic import said
-from deltatune.intrinsic.projection import DenseProjection, FastfoodProjection, hadamard_matrix, make_projection
+from deltatune.intrinsic.projection import (
+    DenseProjection,
+    FastfoodProjection,
+    hadamard_matrix,
+    make_projection,
+)
 from deltatune.intrinsic.run import find_d90, markdown, plot
 from deltatune.methods import resolve_method
 from deltatune.methods.base import count_parameters

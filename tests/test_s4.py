@@ -66,9 +66,8 @@ def test_parse_groups_and_budget():
 @pytest.fixture(scope="module")
 def twelve_layer_bert(tiny_dir, tmp_path_factory):
     """The tiny BERT with 12 layers (same tokenizer)."""
-    from transformers import BertForSequenceClassification
-
     import tiny
+    from transformers import BertForSequenceClassification
 
     folder = tmp_path_factory.mktemp("bert12")
     config = tiny.tiny_config("bert")
