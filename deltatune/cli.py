@@ -45,8 +45,8 @@ def make_parser() -> argparse.ArgumentParser:
         except ImportError:  # a command whose module is not there yet
             continue
         doc = (func.__doc__ or "").strip().splitlines()
-        summary = help_safe(doc[0]) if doc else ""
-        cmd = sub.add_parser(name, help=summary, description=summary)
+        summary = doc[0] if doc else ""
+        cmd = sub.add_parser(name, help=help_safe(summary), description=summary)  # help is %-formatted
         cmd.add_argument("--config", help="YAML/TOML/JSON file of flag defaults (flags on the command line win)")
         build_parser(cmd, func)
         cmd.set_defaults(_func=func)
