@@ -38,7 +38,7 @@ from deltatune.config import TrainConfig  # noqa: E402
 from deltatune.methods import resolve_method  # noqa: E402
 
 BATCH, SEQ = 32, 128
-METHODS = ("lora", "prompt", "prefix", "ia3", "bitfit", "full")
+METHODS = ("lora", "adalora", "prompt", "ptuning", "prefix", "ia3", "bitfit", "full")
 PREFIX_TOKENS = 10  # deltatune's prefix default; peft's PrefixTuningConfig has no default
 
 
@@ -95,6 +95,8 @@ def peer_model(model: str, method_name: str):
         "prompt": lambda: peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=20),
         "prefix": lambda: peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=PREFIX_TOKENS),
         "ia3": lambda: peft.IA3Config(task_type="SEQ_CLS"),
+        "adalora": lambda: peft.AdaLoraConfig(task_type="SEQ_CLS", total_step=1000),  # peft requires total_step
+        "ptuning": lambda: peft.PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=20),
     }
     return peft.get_peft_model(base, configs[method_name]()), pad_id
 

@@ -100,3 +100,27 @@ def pooled_features(task_model: TaskModel, rows: list[Encoded], batch_size: int 
     finally:
         hook.remove()
     return out
+
+
+@torch.no_grad()
+def inference_overhead(task_model: TaskModel, plain: TaskModel, rows: list[Encoded], batch_size: int = 64,
+                       rounds: int = 3) -> dict[str, float]:
+    """Forward time of the adapted model against the bare backbone (same head kind) on the same rows.
+
+    The two take turns for `rounds` rounds after one warm-up pass each, in this process, and the median
+    round counts, so both see the same machine. The seed's inference-overhead column: a delta that only
+    changes weights costs nothing extra once merged (deltatune keeps it beside them, so LoRA pays its
+    small side matmuls), adapters add FFN work, soft prompts and prefixes add positions."""
+    seconds: dict[str, list[float]] = {"delta": [], "plain": []}
+    models = {"delta": task_model, "plain": plain}
+    for model in models.values():  # warm-up: kernels and allocations for these shapes
+        predict_logits(model, rows, batch_size)
+    for _ in range(rounds):
+        for name, model in models.items():
+            start = time.perf_counter()
+            predict_logits(model, rows, batch_size)
+            seconds[name].append(time.perf_counter() - start)
+    delta, bare = (float(np.median(seconds[k])) for k in ("delta", "plain"))
+    return {"inference_ms_per_example": 1000 * delta / max(1, len(rows)),
+            "backbone_ms_per_example": 1000 * bare / max(1, len(rows)),
+            "inference_overhead_pct": 100.0 * (delta / bare - 1.0)}

@@ -11,8 +11,8 @@ COLUMNS = [
     ("trainable_params", "trainable params", "{:,}"),
     ("trainable_pct", "trainable %", "{:.3f}"),
     ("peak_memory_mb", "peak RSS MB", "{:.0f}"),
-    ("estimated_memory_mb", "estimated MB", "{:.0f}"),  # detailed estimate of the run (deltatune estimate)
-    ("training_memory_increase_mb", "train +MB", "{:.0f}"),
+    ("measured_memory_mb", "model+train MB", "{:.0f}"),  # peak RSS in training minus the runtime before the model
+    ("estimated_memory_mb", "estimated MB", "{:.0f}"),  # detailed estimate of one step (deltatune estimate)
     ("train_seconds", "train s", "{:.1f}"),
     ("train_examples_per_second", "train ex/s", "{:.1f}"),
     ("inference_ms_per_example", "infer ms/ex", "{:.2f}"),
@@ -50,13 +50,15 @@ def markdown_table(rows: list[dict], columns=COLUMNS) -> str:
 
 
 def add_inference_overhead(rows: list[dict]) -> None:
-    """Inference time relative to the unchanged architecture (full fine-tuning, else head)."""
+    """Inference time relative to the unchanged architecture, for rows that did not measure it against
+    the bare backbone in their own process (which `deltatune train` does for classifiers): against full
+    fine-tuning's, else head's, time in its process (noisier: another process, another moment)."""
     reference = next((r for name in ("full", "head") for r in rows if r.get("method") == name), None)
     if reference is None or not reference.get("inference_ms_per_example"):
         return
     base = reference["inference_ms_per_example"]
     for row in rows:
-        if row.get("inference_ms_per_example") is not None:
+        if row.get("inference_ms_per_example") is not None and row.get("inference_overhead_pct") is None:
             row["inference_overhead_pct"] = 100.0 * (row["inference_ms_per_example"] / base - 1.0)
 
 

@@ -16,10 +16,11 @@ from deltatune.config import TrainConfig
 from deltatune.data import GENERATION, TaskData
 from deltatune.delta import delta_size_bytes, save_delta
 from deltatune.errors import UserError
+from deltatune.evaluate import inference_overhead
 from deltatune.fast import prepare_for_training
 from deltatune.fast import restore as restore_fast_path
 from deltatune.generation import encode_lm, is_seq2seq
-from deltatune.memory import PeakMemory
+from deltatune.memory import PeakMemory, rss_mb
 from deltatune.methods import resolve_method
 from deltatune.methods.base import count_parameters
 from deltatune.notune.label_head import attach_label_head, objective_pooling, verbalizer_spec
@@ -60,10 +61,11 @@ def run_train_job(job: TrainJob, out: str | Path) -> dict[str, Any]:
     prompted = job.prompt.objective == "verbalizer"  # PET / LM-BFF: the LM head scores label words
     if prompted:
         pooling = objective_pooling(pooling, method)
+    runtime_mb = rss_mb()  # python, torch, transformers: before the model
     task_model = load_task_model(job.model, num_labels=len(task.label_names), pooling=pooling,
                                  device=device, seed=config.seed)
-    prompt_meta = attach_label_head(task_model, verbalizer_spec(task, job.prompt.template,
-                                                                job.prompt.verbalizer)) if prompted else None
+    spec = verbalizer_spec(task, job.prompt.template, job.prompt.verbalizer) if prompted else None
+    prompt_meta = attach_label_head(task_model, spec) if prompted else None
     task_model.label_names = list(task.label_names)
     method.apply(task_model, method_config)
     fast = prepare_for_training(task_model, config)  # bf16 frozen weights, attention, dropout, compile
@@ -77,6 +79,8 @@ def run_train_job(job: TrainJob, out: str | Path) -> dict[str, Any]:
         result = train_model(task_model, method, method_config, train_rows, val_rows, config)
     restore_fast_path(task_model)  # test and save the plain fp32 model, as load_delta rebuilds it
     test = validate(task_model, test_rows, config)
+    if not lm:
+        test.update(_inference_overhead(job, task_model, test_rows, pooling, device, config, spec))
     quality = ("loss", "perplexity") if lm else ("accuracy", "macro_f1")
     metrics = {
         "method": job.method,
@@ -88,10 +92,12 @@ def run_train_job(job: TrainJob, out: str | Path) -> dict[str, Any]:
         "trainable_pct": 100.0 * trainable / total,
         "peak_memory_mb": memory.peak_mb,
         "training_memory_increase_mb": memory.increase_mb,
+        "measured_memory_mb": memory.peak_mb - runtime_mb,
         "cuda_peak_memory_mb": memory.cuda_peak_mb,
         "train_seconds": result.train_seconds,
         "train_examples_per_second": result.train_examples_per_second,
         "inference_ms_per_example": test["inference_ms_per_example"],
+        **{k: test[k] for k in ("backbone_ms_per_example", "inference_overhead_pct") if k in test},
         "precision": fast.precision,
         "fast_path": fast.to_dict(),
         "device": str(device),
@@ -112,6 +118,21 @@ def run_train_job(job: TrainJob, out: str | Path) -> dict[str, Any]:
     save_delta(out, task_model, method, method_config, meta)
     metrics["delta_bytes"] = delta_size_bytes(out)
     return metrics
+
+
+OVERHEAD_ROWS = 256
+"""Test rows timed for the inference overhead against the bare backbone."""
+
+
+def _inference_overhead(job: TrainJob, task_model, test_rows, pooling: str, device, config: TrainConfig,
+                        spec) -> dict[str, float]:
+    """The trained model's forward time against a freshly loaded bare backbone with the same kind of head."""
+    plain = load_task_model(job.model, num_labels=len(job.task.label_names), pooling=pooling, device=device,
+                            seed=config.seed)
+    if spec is not None:
+        attach_label_head(plain, spec)
+    rows = test_rows[:OVERHEAD_ROWS]
+    return inference_overhead(task_model, plain, rows, config.eval_batch_size)
 
 
 def _arch_of(job: TrainJob):

@@ -66,6 +66,8 @@ def test_train_writes_a_delta_with_metrics(trained):
                 "train_seconds", "train_examples_per_second", "inference_ms_per_example", "delta_bytes"):
         assert key in metrics
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
+    assert metrics["backbone_ms_per_example"] > 0 and metrics["inference_overhead_pct"] > -100
+    assert 0 < metrics["measured_memory_mb"] <= metrics["peak_memory_mb"]
     assert not list(out.parent.glob(".*tmp"))  # nothing half-written left behind
 
 

@@ -284,3 +284,17 @@ def test_peft_export_gives_the_same_logits_and_imports_back(tiny_dir, tmp_path, 
     assert (ours - peft_logits(tiny_dir(kind), exported, batch, 3)).abs().max() <= 1e-4
     back = load_delta(import_peft(exported, tmp_path / "back", labels="a,b,c"))
     assert torch.allclose(logits(back.task_model, batch), ours, atol=1e-5)
+
+
+def test_inference_overhead_sees_the_soft_tokens(tiny_dir):
+    """48 soft tokens before a 4-token input: the prompted forward reads 13x the positions of the bare one."""
+    from deltatune.batching import encode
+    from deltatune.data import Example
+    from deltatune.evaluate import inference_overhead
+
+    task_model, _, _ = prepared(tiny_dir, "prompt", "bert", num_virtual_tokens=48)
+    plain = load_task_model(tiny_dir("bert"), num_labels=2)
+    rows = encode(plain.tokenizer, [Example(text="good movie", label=0)] * 64, 32)
+    timing = inference_overhead(task_model, plain, rows, batch_size=64, rounds=3)
+    assert timing["inference_ms_per_example"] > timing["backbone_ms_per_example"] > 0
+    assert timing["inference_overhead_pct"] > 50
