@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from deltatune.backbone import TaskModel
-from deltatune.batching import Encoded, collate, train_batches
+from deltatune.batching import Encoded, collate, eval_batches, train_batches
 from deltatune.caching import FrozenPrefixCache, frozen_prefix_depth
 from deltatune.config import TrainConfig
 from deltatune.evaluate import autocast_for, evaluate, pooled_features
@@ -85,9 +85,10 @@ def make_cache(task_model: TaskModel, config: TrainConfig, splits: list[list[Enc
     device = task_model.device()
     task_model.module.eval()
     rows = [r for split in splits for r in split]
-    for start in tqdm(range(0, len(rows), config.eval_batch_size), desc="caching frozen layers",
-                      disable=not config.progress, leave=False):
-        batch = collate(rows[start:start + config.eval_batch_size], task_model.tokenizer.pad_token_id, device)
+    # rows of similar length together: each batch pads to its longest row (random order pads to ~the max)
+    for idx in tqdm(eval_batches([len(r.input_ids) for r in rows], config.eval_batch_size),
+                    desc="caching frozen layers", disable=not config.progress, leave=False):
+        batch = collate([rows[i] for i in idx], task_model.tokenizer.pad_token_id, device)
         with autocast_for(device, autocast_precision(task_model, config.precision)):
             cache.add(batch)
     cache.flush()
