@@ -40,6 +40,9 @@ class TrainConfig:
     dropout: str = "auto"
     """The backbone's own dropout (hidden and attention) while training: auto (0: no accuracy loss measured,
     about 1.4x faster on the CPU), model (the checkpoint's rates), or a rate like 0.1."""
+    gradient_checkpointing: bool = False
+    """Keep only each layer's input in the forward and recompute the layer in backward (transformers'
+    non-reentrant checkpointing): less activation memory for about one more forward per step."""
     compile: bool = False
     """torch.compile the training forward (a one-off compile of about a minute; widths padded to buckets)."""
     device: str = "auto"

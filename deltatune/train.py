@@ -4,14 +4,17 @@ AdamW (decoupled weight decay, none on biases and norms) -> linear warm-up then 
 gradient accumulation -> clipping -> evaluation on validation after each epoch -> the best epoch's
 trainable tensors are restored at the end (unless the method sets RESTORE_BEST_EPOCH = False). Seeded, bf16 autocast optional, device chosen at run
 time. Frozen bottoms run in eval mode and, when nothing trainable sits below them, are cached.
+--gradient-checkpointing: transformers' non-reentrant per-layer checkpointing, on for the loop only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -24,8 +27,10 @@ from deltatune.backbone import TaskModel
 from deltatune.batching import Encoded, collate, eval_batches, train_batches
 from deltatune.caching import FrozenPrefixCache, frozen_prefix_depth
 from deltatune.config import TrainConfig
+from deltatune.errors import UserError
 from deltatune.evaluate import autocast_for, evaluate, pooled_features
 from deltatune.fast import autocast_precision, training_forward
+from deltatune.fast.attention import pretrained
 from deltatune.methods.base import default_lr, trainable_state
 
 
@@ -75,6 +80,43 @@ def set_train_mode(task_model: TaskModel, frozen_depth: int) -> None:
             layer.eval()
 
 
+NON_REENTRANT = {"use_reentrant": False}
+"""Checkpointing kwargs: prefix tuning needs non-reentrant checkpointing (it refuses the other), and with it
+the layers' inputs need not require grad (a frozen embedding layer, a head-only method)."""
+
+
+def checkpointing_model(task_model: TaskModel):
+    """The transformers model that checkpoints the task model's layers, or a one-line UserError."""
+    model = pretrained(task_model.module)  # the task model itself, or PooledClassifier's backbone
+    if model is None or not getattr(model, "supports_gradient_checkpointing", False):
+        name = type(model if model is not None else task_model.module).__name__
+        raise UserError(f"--gradient-checkpointing: {name} does not support gradient checkpointing")
+    return model
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(task_model: TaskModel, enabled: bool = True) -> Iterator[None]:
+    """Within this block the layers run checkpointed (in train mode: transformers checks `training`)."""
+    if not enabled:
+        yield
+        return
+    model = checkpointing_model(task_model)
+    had_hooks = bool(getattr(model, "_require_grads_hooks", None))
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23 (the old name warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=NON_REENTRANT)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=NON_REENTRANT)
+    if not had_hooks:  # transformers made the embeddings' output require grad: reentrant checkpointing's
+        model.disable_input_require_grads()  # need; it would backpropagate through frozen bottom layers
+    try:
+        yield
+    finally:
+        if hasattr(model, "activation_checkpointing_disable"):
+            model.activation_checkpointing_disable()
+        else:
+            model.gradient_checkpointing_disable()
+
+
 def make_cache(task_model: TaskModel, config: TrainConfig, splits: list[list[Encoded]]):
     """Fill a frozen-prefix cache for the given splits, or None when it does not apply."""
     depth = frozen_prefix_depth(task_model)
@@ -100,6 +142,9 @@ def train_model(task_model: TaskModel, method: ModuleType, method_config: Any, t
     """Train the trainable parameters of task_model (already prepared by method.apply)."""
     seed_everything(config.seed)
     start = time.perf_counter()
+    checkpointing = config.gradient_checkpointing and not hasattr(method, "fit")
+    if checkpointing:
+        checkpointing_model(task_model)  # unsupported: fail before filling the cache
     cache = make_cache(task_model, config, [train, validation])
     cache_info = {"depth": cache.depth, "spilled_mb": cache.spilled_bytes / 2**20} if cache else {}
     if hasattr(method, "fit"):  # non-gradient methods (features): fit on pooled representations
@@ -113,8 +158,9 @@ def train_model(task_model: TaskModel, method: ModuleType, method_config: Any, t
         return TrainResult(best_epoch=1, validation=val, history=[{"epoch": 1, **val, **fitted}],
                            train_seconds=seconds, train_examples_per_second=len(train) / seconds,
                            cache=cache_info)
-    return _gradient_loop(task_model, method, method_config, train, validation, config, cache, start,
-                          cache_info)
+    with gradient_checkpointing(task_model, checkpointing):
+        return _gradient_loop(task_model, method, method_config, train, validation, config, cache, start,
+                              cache_info)
 
 
 def validate(task_model: TaskModel, rows: list[Encoded], config: TrainConfig,

@@ -121,7 +121,8 @@ def is_norm(module: nn.Module) -> bool:
 
 
 def is_projection(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.Embedding)) or type(module).__name__ == "Conv1D"
+    # by the class or a base: parametrize (the intrinsic method) makes GPT-2's Conv1D a ParametrizedConv1D
+    return isinstance(module, (nn.Linear, nn.Embedding)) or any(c.__name__ == "Conv1D" for c in type(module).__mro__)
 
 
 @dataclass
