@@ -257,6 +257,31 @@ def test_cli_json_schema(capsys):
         assert row["total_gb"] == pytest.approx(parts, abs=1e-3)
 
 
+def cli_methods(capsys, *flags: str) -> list[str]:
+    """The methods of `deltatune estimate --json FLAGS`, through the real command line."""
+    from deltatune.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["estimate", "--json", *flags])
+    if info.value.code != 0:
+        raise info.value
+    return [row["method"] for row in json.loads(capsys.readouterr().out)]
+
+
+def test_cli_method_is_repeatable_and_comma_separated(capsys):
+    assert cli_methods(capsys) == ["full", "lora"]  # the default
+    assert cli_methods(capsys, "--method", "lora", "--method", "full") == ["lora", "full"]  # not just the last
+    assert cli_methods(capsys, "--method", "lora,prompt", "--method", "full") == ["lora", "prompt", "full"]
+    assert cli_methods(capsys, "--method", "LoRA", "--method", "lora,full") == ["lora", "full"]  # each once
+    assert cli_methods(capsys, "--method", "all") == list(METHODS)  # MiniLM: biases (bitfit), fp32 (full)
+    with pytest.raises(SystemExit) as info:
+        cli_methods(capsys, "--method", "all", "--method", "lora")
+    assert info.value.code == 2 and "give it alone" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_methods(capsys, "--method", "lora", "--method", "dora")
+    assert "unknown method 'dora'" in capsys.readouterr().err
+
+
 def test_cli_table_and_hardware_table(capsys):
     assert estimate(model="llama-2-7b", method="all", dtype="bf16", seq_len=4096, batch_size=1) == 0
     table = capsys.readouterr().out

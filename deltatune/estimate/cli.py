@@ -207,11 +207,23 @@ def format_estimates(shapes: ModelShapes, estimates: list[MemoryEstimate], heade
     return "\n".join(lines)
 
 
-def parse_methods(method: str | Sequence[str], shapes: ModelShapes, dtype: str) -> list[str]:
-    """"full,lora" (or a list) → ["full", "lora"]; "all" → every method that applies (no bitfit without
+DEFAULT_METHODS = "full,lora"
+
+
+def method_names(method: str | Sequence[str] | None) -> list[str]:
+    """"full,lora", or a list of such strings (a repeated --method) → ["full", "lora"]: lower case, each once,
+    in the order given; None or nothing → the default (full, lora)."""
+    parts = method.split(",") if isinstance(method, str) else [part for m in method or () for part in m.split(",")]
+    names = list(dict.fromkeys(name.strip().lower() for name in parts if name.strip()))
+    return names or DEFAULT_METHODS.split(",")
+
+
+def parse_methods(method: str | Sequence[str] | None, shapes: ModelShapes, dtype: str) -> list[str]:
+    """"full,lora" (or a list of them) → ["full", "lora"]; "all" → every method that applies (no bitfit without
     biases, no full fine-tuning of k-bit weights)."""
-    names = method.split(",") if isinstance(method, str) else [part for m in method for part in m.split(",")]
-    names = [name.strip().lower() for name in names if name.strip()]
+    names = method_names(method)
+    if "all" in names and len(names) > 1:
+        raise UserError("--method all already names every method: give it alone")
     if names == ["all"]:
         quantized = precision_for(dtype, "full").quantized_bits is not None
         return [name for name in METHODS
@@ -222,7 +234,7 @@ def parse_methods(method: str | Sequence[str], shapes: ModelShapes, dtype: str) 
     return names
 
 
-def estimate(*, model: str = "all-minilm-l6-v2", method: str = "full,lora", batch_size: int = 8, seq_len: int = 128,
+def estimate(*, model: str = "all-minilm-l6-v2", method: list[str] | None = None, batch_size: int = 8, seq_len: int = 128,
              dtype: str = "fp32", optimizer: str = "adamw", activations: str = "detailed",
              gradient_checkpointing: bool = False, num_virtual_tokens: int = 20, num_labels: int = 2,
              hardware_table: bool = False, json_: bool = False, attention: str = "eager", measure: bool = False,
@@ -231,7 +243,7 @@ def estimate(*, model: str = "all-minilm-l6-v2", method: str = "full,lora", batc
 
     Args:
         model: a known name (llama-2-7b, mistral-7b, bert-base-uncased, ...), a folder with config.json, or a config.json path.
-        method: comma-separated methods (full, head, last2, features, lora, adalora, bitfit, adapter, prompt, prefix, ptuning, ia3, mam, qlora) or all.
+        method: methods, comma-separated and/or repeated (--method full --method lora,prompt): full, head, last2, features, lora, adalora, bitfit, adapter, prompt, prefix, ptuning, ia3, mam, qlora, or all (default: full,lora).
         batch_size: sequences per training step.
         seq_len: tokens per sequence (prompt methods add their soft tokens).
         dtype: training dtype: fp32, bf16, fp16, amp (mixed precision), int8, 4bit, 2bit (k-bit frozen backbone).
@@ -264,7 +276,7 @@ def estimate(*, model: str = "all-minilm-l6-v2", method: str = "full,lora", batc
         if dtype != "fp32" or optimizer != "adamw" or gradient_checkpointing:
             raise UserError("--measure trains as deltatune does on this machine: fp32, adamw, no checkpointing")
 
-        names = [m for m in methods if m in MEASURABLE] if method.strip().lower() == "all" else methods
+        names = [m for m in methods if m in MEASURABLE] if method_names(method) == ["all"] else methods
         rows = measure_methods(model, names, batch_size=batch_size, seq_len=seq_len, steps=measure_steps,
                                num_labels=num_labels, threads=threads)
         print(json.dumps(measurements_json(rows), indent=2) if json_ else format_measurements(
