@@ -56,6 +56,7 @@ def export_peft(delta: str | Path, out: str | Path) -> Path:
     if meta["backbone"]["pooling"] not in POOLING_FOR_TASK_TYPE.values():
         raise UserError("peft export needs transformers' own head (--pooling hf); this delta uses "
                         f"--pooling {meta['backbone']['pooling']}")
+    refuse_seq2seq_prompts(meta, method.PEFT_TYPE)
     fields, method_tensors = method.to_peft(config, tensors)
     head_modules = sorted({name.rsplit(".", 1)[0] for name in meta.get("head_names", [])})
     adapter_config = {
@@ -71,6 +72,22 @@ def export_peft(delta: str | Path, out: str | Path) -> Path:
                   str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         write_json_atomic(tmp / CONFIG_FILE, adapter_config)
     return Path(out)
+
+
+def refuse_seq2seq_prompts(meta: dict, peft_type: str) -> None:
+    """On an encoder-decoder model, peft runs prompt tuning / P-tuning only for SEQ_2_SEQ_LM (its
+    SEQ_CLS path feeds inputs_embeds, which T5ForSequenceClassification refuses), and its prefix goes into
+    the decoder, where deltatune's is in the encoder."""
+    spec = ARCHITECTURES.get(meta["backbone"].get("model_type", ""))
+    if spec is None or spec.decoder_layers is None or peft_type not in PROMPT_LEARNING:
+        return
+    if peft_type == "PREFIX_TUNING":
+        from deltatune.methods.prefix import SEQ2SEQ_PEFT
+
+        raise UserError(SEQ2SEQ_PEFT)
+    if _task_type(meta) != "SEQ_2_SEQ_LM":
+        raise UserError("peft cannot run soft tokens on an encoder-decoder classifier "
+                        "(T5ForSequenceClassification refuses inputs_embeds): only --pooling lm deltas export")
 
 
 def peft_name(peft_type: str, key: str) -> str:

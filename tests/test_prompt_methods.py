@@ -258,31 +258,41 @@ def test_language_model_generation_with_and_without_cache_agree(tiny_dir, name):
 
 def peft_logits(folder, exported, batch, num_labels):
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
-    base = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels)
+    if num_labels:
+        base = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels)
+    else:
+        base = AutoModelForSeq2SeqLM.from_pretrained(folder)
     model = PeftModel.from_pretrained(base, exported)
     model.eval()
     with torch.no_grad():
         return model(**batch).logits
 
 
-@pytest.mark.parametrize("kind", ["bert", "llama"])
-@pytest.mark.parametrize("name", METHODS)
+# T5: peft runs soft tokens only as SEQ_2_SEQ_LM (T5ForSequenceClassification refuses inputs_embeds) and
+# puts a prefix into the decoder (deltatune: the encoder), so prompt and ptuning LM deltas only
+PEFT_CASES = [(name, kind) for kind in ("bert", "llama") for name in METHODS] + [("prompt", "t5"), ("ptuning", "t5")]
+
+
+@pytest.mark.parametrize(("name", "kind"), PEFT_CASES)
 def test_peft_export_gives_the_same_logits_and_imports_back(tiny_dir, tmp_path, name, kind):
     from deltatune.peft_format import export_peft, import_peft
 
-    tm, method, config = prepared(tiny_dir, name, kind, num_labels=3)
+    num_labels = 0 if kind == "t5" else 3
+    tm, method, config = prepared(tiny_dir, name, kind, pooling="lm" if kind == "t5" else "hf", num_labels=num_labels)
     perturb(tm.module)
     # peft's decoder heads see only inputs_embeds for soft tokens (they pick the last position), so
     # prompt methods are compared on rows without padding there; prefix keeps the input ids
-    texts = TEXTS if kind == "bert" or name == "prefix" else ["good movie was", "the plot was"]
+    texts = TEXTS if kind != "llama" or name == "prefix" else ["good movie was", "the plot was"]
     batch = inputs(tm, texts)
+    if kind == "t5":  # the encoder's rows are padded; the decoder reads them through cross-attention
+        batch["decoder_input_ids"] = torch.tensor([[0, 7, 8, 9]] * len(texts))
     ours = logits(tm, batch)
     delta = save_delta(tmp_path / "d", tm, method, config, {"head_names": tm.head_names})
     exported = export_peft(delta, tmp_path / "peft")
-    assert (ours - peft_logits(tiny_dir(kind), exported, batch, 3)).abs().max() <= 1e-4
-    back = load_delta(import_peft(exported, tmp_path / "back", labels="a,b,c"))
+    assert (ours - peft_logits(tiny_dir(kind), exported, batch, num_labels)).abs().max() <= 1e-4
+    back = load_delta(import_peft(exported, tmp_path / "back", labels="a,b,c" if num_labels else None))
     assert torch.allclose(logits(back.task_model, batch), ours, atol=1e-5)
 
 

@@ -24,11 +24,13 @@ a hook on each attention module puts it back. A caller may pass `prefix_kv=(B, l
 `generate` works too: the prefix is written into its cache on the first step.
 With `layers` (S4's per-group prefixes), only those layers have a prefix: the others get n zero slots
 whose columns their attention mask hides, so every layer's cache has the same length.
+Encoder-decoder models (T5): the prefix is in every encoder block's self-attention (`seq2seq.py`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -54,11 +56,16 @@ from deltatune.methods.prompt import (
     word_embeddings,
 )
 
+if TYPE_CHECKING:
+    from deltatune.methods.seq2seq import EncoderPrefixHooks
+
 NAME = "prefix"
 DEFAULT_LR = 5e-3
 PEFT_TYPE = "PREFIX_TUNING"
 PREFIX_KEY = f"prompt_encoder.{ADAPTER}.prefix"
 INITS = ("words", "random")
+SEQ2SEQ_PEFT = ("peft's seq2seq prefix tuning puts the prefix into the decoder's self- and cross-attention; "
+                "deltatune's is in the encoder's self-attention: the two do not convert")
 
 
 @dataclass
@@ -90,9 +97,9 @@ class KVShape:
 
 
 def kv_shape(config) -> KVShape:
-    """Keys/values per layer: num_key_value_heads (GQA) or num_attention_heads, times head_dim."""
+    """Keys/values per layer: num_key_value_heads (GQA) or num_attention_heads, times head_dim (T5: d_kv)."""
     heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or config.hidden_size // heads
     return KVShape(config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, head_dim)
 
 
@@ -124,6 +131,18 @@ class PrefixCache(DynamicCache):
 
     def __init__(self, prefix: torch.Tensor, shape: KVShape):
         super(DynamicCache, self).__init__(layers=[PrefixLayer(k, v) for k, v in per_layer(prefix, shape)])
+
+
+def refuse_reentrant(module: nn.Module, layers: nn.ModuleList) -> None:
+    """Reentrant checkpointing would backpropagate through the shared prefix once per layer."""
+    if not (module.training and torch.is_grad_enabled()):
+        return
+    for layer in layers:
+        func = getattr(layer, "_gradient_checkpointing_func", None)
+        if getattr(layer, "gradient_checkpointing", False) and \
+                getattr(func, "keywords", {}).get("use_reentrant", True) is not False:
+            raise UserError("prefix tuning needs non-reentrant gradient checkpointing: "
+                            "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})")
 
 
 class PrefixHooks:
@@ -160,7 +179,7 @@ class PrefixHooks:
 
     def before(self, module, args, kwargs):
         prefix, mask = kwargs.pop("prefix_kv", None), kwargs.pop("prefix_mask", None)
-        self.check_checkpointing(module)
+        refuse_reentrant(module, self.layers)
         if prefix is None:
             named = positional_kwargs(args, kwargs)
             first = named.get("input_ids") if named.get("input_ids") is not None else named.get("inputs_embeds")
@@ -230,17 +249,6 @@ class PrefixHooks:
     def after(self, _module, _args, _output) -> None:
         self.pending = None
 
-    def check_checkpointing(self, module: nn.Module) -> None:
-        """Reentrant checkpointing would backpropagate through the shared prefix once per layer."""
-        if not (module.training and torch.is_grad_enabled()):
-            return
-        for layer in self.layers:
-            func = getattr(layer, "_gradient_checkpointing_func", None)
-            if getattr(layer, "gradient_checkpointing", False) and \
-                    getattr(func, "keywords", {}).get("use_reentrant", True) is not False:
-                raise UserError("prefix tuning needs non-reentrant gradient checkpointing: "
-                                "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})")
-
 
 # ---- the trainable prefix ------------------------------------------------------------------------------
 
@@ -291,6 +299,10 @@ def init_token_ids(task_model: TaskModel, config: Config) -> list[int]:
 @torch.no_grad()
 def word_activations(task_model: TaskModel, ids: list[int]) -> torch.Tensor:
     """(L, 2, n, kv_dim): the keys and values each layer of the frozen model computes for `ids`."""
+    if task_model.arch.decoder_layers is not None:  # an encoder-decoder: the encoder's layers
+        from deltatune.methods.seq2seq import encoder_word_activations
+
+        return encoder_word_activations(task_model, ids)
     backbone = task_model.backbone
     cache = DynamicCache()  # filled by every attention layer (encoders too, when a cache is passed)
     was_training = backbone.training
@@ -329,8 +341,13 @@ def apply(task_model: TaskModel, config: Config) -> None:
     train_head(task_model)
 
 
-def install_hooks(task_model: TaskModel, rows: list[int] | None = None) -> PrefixHooks:
-    """Hook the task model once; a prefix is never skipped by the frozen-prefix cache."""
+def install_hooks(task_model: TaskModel, rows: list[int] | None = None) -> PrefixHooks | EncoderPrefixHooks:
+    """Hook the task model once (an encoder-decoder: its encoder, `seq2seq.py`); a prefix is never skipped
+    by the frozen-prefix cache."""
+    if task_model.arch.decoder_layers is not None:
+        from deltatune.methods.seq2seq import EncoderPrefixHooks
+
+        return install_once(task_model, "prefix_hooks", lambda: EncoderPrefixHooks(task_model, rows))
     return install_once(task_model, "prefix_hooks", lambda: PrefixHooks(task_model, rows))
 
 
@@ -361,6 +378,8 @@ def from_peft(adapter_config: dict, tensors: dict[str, torch.Tensor]) -> tuple[d
     """(prefix options, deltatune tensors) of a peft PREFIX_TUNING adapter (its flattened prefix)."""
     if "prompt_embeddings" not in tensors:
         raise UserError("PREFIX_TUNING adapter has no 'prompt_embeddings' tensor")
+    if adapter_config.get("task_type") == "SEQ_2_SEQ_LM":
+        raise UserError(SEQ2SEQ_PEFT)
     flat = tensors["prompt_embeddings"]  # (n, L*2*kv_dim)
     layers = adapter_config.get("num_layers")
     if not layers or flat.shape[1] % (2 * layers):

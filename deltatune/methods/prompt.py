@@ -19,6 +19,7 @@ train, 2 epochs, 500 test) the placement hardly matters: --pooling cls 0.644 (st
 (after_first, within noise), --pooling hf 0.578 both (MiniLM's pooler is untrained), mean 0.728.
 A caller may pass `soft_prompt=(B, n, H)` (and `soft_prompt_mask=(B, n)`) to the task model's
 forward: different rows can carry different prompts. P-tuning (`ptuning.py`) reuses this hook.
+Encoder-decoder models (T5): the soft tokens go in front of the encoder's input only (`seq2seq.py`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -35,6 +36,9 @@ from torch import nn
 from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
 from deltatune.methods.base import train_head, trainable_state
+
+if TYPE_CHECKING:
+    from deltatune.methods.seq2seq import EncoderPromptHooks
 
 NAME = "prompt"
 DEFAULT_LR = 3e-2
@@ -276,8 +280,13 @@ def install_once(task_model: TaskModel, attr: str, make_hooks: Callable[[], Any]
     return getattr(module, attr)
 
 
-def install_hooks(task_model: TaskModel, insert_at: str) -> PromptHooks:
-    """Hook the task model once; soft-token methods are never skipped by the frozen-prefix cache."""
+def install_hooks(task_model: TaskModel, insert_at: str) -> PromptHooks | EncoderPromptHooks:
+    """Hook the task model once (an encoder-decoder: its encoder, `seq2seq.py`); soft-token methods are
+    never skipped by the frozen-prefix cache."""
+    if task_model.arch.decoder_layers is not None:
+        from deltatune.methods.seq2seq import EncoderPromptHooks
+
+        return install_once(task_model, "prompt_hooks", lambda: EncoderPromptHooks(task_model, insert_at))
     return install_once(task_model, "prompt_hooks", lambda: PromptHooks(task_model, insert_at))
 
 
@@ -361,8 +370,11 @@ def soft_tokens_from_peft(adapter_config: dict, tensors: dict[str, torch.Tensor]
     if "prompt_embeddings" not in tensors:
         raise UserError(f"{adapter_config.get('peft_type')} adapter has no 'prompt_embeddings' tensor")
     prompt = tensors["prompt_embeddings"]  # (n * submodules, H)
-    if adapter_config.get("num_transformer_submodules") not in (None, 1):
-        raise UserError("only decoder-only or encoder-only peft prompt adapters can be imported")
+    submodules = adapter_config.get("num_transformer_submodules")
+    if submodules == 2 and adapter_config.get("task_type") == "SEQ_2_SEQ_LM":  # peft's seq2seq default: only
+        prompt = prompt[:adapter_config.get("num_virtual_tokens") or prompt.shape[0] // 2]  # the first n are used
+    elif submodules not in (None, 1):
+        raise UserError("only peft prompt adapters with one transformer submodule can be imported")
     options = {"num_virtual_tokens": prompt.shape[0], "insert_at": "start"}
     return options, {ENCODER_KEY: prompt}
 

@@ -224,6 +224,8 @@ def build_task(shared: SharedBackbone, name: str, path: str | Path, meta: dict,
                       stub=stub, group=SHARED, tokenizer=task_model.tokenizer)
     routing = ROUTING.get(meta["method"])
     reason = unexplained(top, base_name, shared.module, routing, vanilla_children)
+    if reason is None and routing.inputs is not None and shared.arch.decoder_layers is not None:
+        reason = "its soft tokens / prefix go into an encoder-decoder's encoder, which the mixed pass does not route"
     if reason is not None:
         task.group, task.reason = OWN, reason
         return task
