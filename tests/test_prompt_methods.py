@@ -4,6 +4,7 @@ import sys
 import warnings
 
 import pytest
+import tiny
 import torch
 
 from deltatune.backbone import load_task_model
@@ -16,7 +17,6 @@ from deltatune.methods import prefix as prefix_method
 from deltatune.methods import resolve_method
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-import tiny  # noqa: E402
 
 METHODS = ["prompt", "prefix", "ptuning"]
 KINDS = ["bert", "llama", "gpt2"]
@@ -34,14 +34,6 @@ def prepared(tiny_dir, name, kind, pooling="hf", num_labels=2, **options):
     method, config = resolve_method(name, {**SMALL[name], **options})
     method.apply(tm, config)
     return tm, method, config
-
-
-def perturb(module, scale=0.3):
-    """Move trainable parameters away from their start (the prefix MLP's last layer starts at zero)."""
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.requires_grad:
-                p.add_(scale * torch.randn_like(p))
 
 
 def inputs(tm, texts=TEXTS):
@@ -68,7 +60,7 @@ def test_only_the_method_and_the_head_train_and_nothing_is_cached(tiny_dir, name
 @pytest.mark.parametrize("name", METHODS)
 def test_save_load_gives_the_same_logits(tiny_dir, tmp_path, name, kind):
     tm, method, config = prepared(tiny_dir, name, kind, pooling="hf" if kind != "gpt2" else "mean")
-    perturb(tm.module)
+    tiny.perturb(tm.module)
     batch = inputs(tm)
     before = logits(tm, batch)
     out = save_delta(tmp_path / "d", tm, method, config, {"head_names": tm.head_names})
@@ -135,7 +127,7 @@ def method_grads(tm, batch, checkpointing):
 @pytest.mark.parametrize("name", METHODS)
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_dir, name, kind):
     tm, _, _ = prepared(tiny_dir, name, kind)
-    perturb(tm.module.prompt_encoder)
+    tiny.perturb(tm.module.prompt_encoder)
     batch = {**inputs(tm), "labels": torch.tensor([0, 1, 1])}
     plain, checkpointed = method_grads(tm, batch, False), method_grads(tm, batch, True)
     assert plain and plain.keys() == checkpointed.keys()
@@ -168,7 +160,7 @@ def test_prefix_and_prompt_change_the_output(tiny_dir, name):
     tm, _, _ = prepared(tiny_dir, name, "llama")
     batch = inputs(tm)
     first = logits(tm, batch)
-    perturb(tm.module.prompt_encoder)  # only the method's parameters move
+    tiny.perturb(tm.module.prompt_encoder)  # only the method's parameters move
     assert not torch.allclose(logits(tm, batch), first)
 
 
@@ -176,7 +168,7 @@ def test_prefix_and_prompt_change_the_output(tiny_dir, name):
 @pytest.mark.parametrize("name", ["prompt", "ptuning"])
 def test_soft_tokens_keep_the_hf_decoder_head_on_the_last_real_token(tiny_dir, name, kind):
     tm, _, _ = prepared(tiny_dir, name, kind)
-    perturb(tm.module)
+    tiny.perturb(tm.module)
     padded = logits(tm, inputs(tm))  # right padding: rows 0 and 2 end in pad ids
     for i, text in enumerate(TEXTS):
         assert torch.allclose(padded[i], logits(tm, inputs(tm, [text]))[0], atol=1e-5)
@@ -217,7 +209,7 @@ def test_prompt_inits(tiny_dir):
 
 def test_after_first_keeps_cls_first_and_is_not_exportable(tiny_dir):
     tm, method, config = prepared(tiny_dir, "prompt", "bert", insert_at="after_first")
-    perturb(tm.module)
+    tiny.perturb(tm.module)
     seen = []
     hook = tm.backbone.embeddings.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["input_ids"]),
                                                             with_kwargs=True)
@@ -240,7 +232,7 @@ def test_too_many_positions_is_a_user_error(tiny_dir):
 @pytest.mark.parametrize("name", METHODS)
 def test_language_model_generation_with_and_without_cache_agree(tiny_dir, name):
     tm, _, _ = prepared(tiny_dir, name, "llama", pooling="lm", num_labels=0)
-    perturb(tm.module.prompt_encoder)
+    tiny.perturb(tm.module.prompt_encoder)
     ids = torch.tensor([[5, 7, 25, 34]])
     labels = ids.clone()
     tm.module.eval()
@@ -281,7 +273,7 @@ def test_peft_export_gives_the_same_logits_and_imports_back(tiny_dir, tmp_path, 
 
     num_labels = 0 if kind == "t5" else 3
     tm, method, config = prepared(tiny_dir, name, kind, pooling="lm" if kind == "t5" else "hf", num_labels=num_labels)
-    perturb(tm.module)
+    tiny.perturb(tm.module)
     # peft's decoder heads see only inputs_embeds for soft tokens (they pick the last position), so
     # prompt methods are compared on rows without padding there; prefix keeps the input ids
     texts = TEXTS if kind != "llama" or name == "prefix" else ["good movie was", "the plot was"]

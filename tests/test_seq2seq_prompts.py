@@ -7,6 +7,7 @@ import json
 import warnings
 
 import pytest
+import tiny
 import torch
 
 from deltatune.backbone import load_task_model
@@ -45,14 +46,6 @@ def prepared(tiny_dir, name, pooling, **options):
     return tm, method, config
 
 
-def perturb(module, scale=0.3):
-    """Move trainable parameters away from their start (the prefix MLP's last layer starts at zero)."""
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.requires_grad:
-                p.add_(scale * torch.randn_like(p))
-
-
 def batch(tm, pooling, texts=TEXTS):
     out = dict(tm.tokenizer(texts, padding=True, return_tensors="pt"))
     if pooling != "lm":
@@ -86,7 +79,7 @@ def per_call(name, tensor, rows, mask=None):
 @pytest.mark.parametrize("name", METHODS)
 def test_changes_the_output_and_the_gradient_reaches_the_method(tiny_dir, name, pooling):
     tm, _, _ = prepared(tiny_dir, name, pooling)
-    perturb(tm.module.prompt_encoder)
+    tiny.perturb(tm.module.prompt_encoder)
     inputs = batch(tm, pooling)
     bare = run(load(tiny_dir, pooling), inputs)
     out = tm.module(**inputs)
@@ -101,7 +94,7 @@ def test_changes_the_output_and_the_gradient_reaches_the_method(tiny_dir, name, 
 @pytest.mark.parametrize("name", METHODS)
 def test_the_prompt_is_read_and_masked_slots_give_the_bare_model(tiny_dir, name, pooling):
     tm, _, _ = prepared(tiny_dir, name, pooling)
-    perturb(tm.module.prompt_encoder)
+    tiny.perturb(tm.module.prompt_encoder)
     inputs, own = batch(tm, pooling), own_tensor(tm)
     rows = inputs["input_ids"].shape[0]
     loss = run(tm, inputs).loss
@@ -119,7 +112,7 @@ def test_the_prompt_is_read_and_masked_slots_give_the_bare_model(tiny_dir, name,
 def test_padding_and_eager_attention_agree(tiny_dir, name, pooling):
     """A padded row gives what it gives alone, and sdpa's boolean masks what eager's additive ones do."""
     tm, _, _ = prepared(tiny_dir, name, pooling)
-    perturb(tm.module.prompt_encoder)
+    tiny.perturb(tm.module.prompt_encoder)
     inputs = batch(tm, pooling)
     padded = run(tm, inputs).logits
     for i, text in enumerate(TEXTS):
@@ -165,7 +158,7 @@ def test_lm_training_lowers_the_answer_loss_and_reloads(tiny_dir, tmp_path, name
 @pytest.mark.parametrize("name", METHODS)
 def test_save_load_gives_the_same_logits(tiny_dir, tmp_path, name, pooling):
     tm, method, config = prepared(tiny_dir, name, pooling)
-    perturb(tm.module)
+    tiny.perturb(tm.module)
     inputs = batch(tm, pooling)
     before = run(tm, inputs).logits
     out = save_delta(tmp_path / "d", tm, method, config, {"head_names": tm.head_names})
@@ -191,7 +184,7 @@ def greedy(tm, ids, steps):
 def test_generate_reads_the_prompt_through_the_encoder(tiny_dir, tmp_path, name):
     """`generate` calls the encoder itself: its steps equal full forwards with the prompt."""
     tm, method, config = prepared(tiny_dir, name, "lm")
-    perturb(tm.module.prompt_encoder, scale=1.0)
+    tiny.perturb(tm.module.prompt_encoder, scale=1.0)
     loaded = load_delta(save_delta(tmp_path / "d", tm, method, config, {"head_names": tm.head_names})).task_model
     text = "what is the movie"
     ids = torch.tensor([prompt_ids(loaded.tokenizer, text, seq2seq=True)])
@@ -212,7 +205,7 @@ def test_generate_reads_the_prompt_through_the_encoder(tiny_dir, tmp_path, name)
 @pytest.mark.parametrize("name", METHODS)
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_dir, name):
     tm, _, _ = prepared(tiny_dir, name, "lm")
-    perturb(tm.module.prompt_encoder)
+    tiny.perturb(tm.module.prompt_encoder)
     inputs = batch(tm, "lm")
 
     def grads(checkpointing):
@@ -238,7 +231,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_dir, name):
 def test_prefix_in_some_layers_only(tiny_dir):
     """`layers` (S4): the other encoder blocks' prefix slots are masked, the chosen ones' are read."""
     tm, _, _ = prepared(tiny_dir, "prefix", "lm", layers=(1,))
-    perturb(tm.module.prompt_encoder)
+    tiny.perturb(tm.module.prompt_encoder)
     own = own_tensor(tm)  # (1, 2, n, kv_dim): block 1 only
     assert own.shape[0] == 1
     inputs = batch(tm, "lm")
@@ -269,7 +262,7 @@ def test_a_peft_seq2seq_prompt_adapter_imports(tiny_dir, tmp_path):
     model = get_peft_model(AutoModelForSeq2SeqLM.from_pretrained(tiny_dir("t5")),
                            PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=N))
     assert model.peft_config["default"].num_transformer_submodules == 2
-    perturb(model.prompt_encoder, scale=1.0)
+    tiny.perturb(model.prompt_encoder, scale=1.0)
     inputs = {**batch(load(tiny_dir, "lm"), "hf"), "decoder_input_ids": torch.tensor([[0, 7, 8, 9]] * 3)}
     inputs.pop("labels")
     model.eval()
@@ -286,7 +279,7 @@ def test_serve_runs_t5_soft_tokens_and_prefixes_alone(tiny_dir, tmp_path, name):
     from deltatune.serve.engine import Engine
 
     tm, method, config = prepared(tiny_dir, name, "mean")
-    perturb(tm.module)
+    tiny.perturb(tm.module)
     meta = {"task": {"name": name, "kind": "classification", "label_names": ["bad", "good"]},
             "train_config": {"max_length": 32}, "head_names": tm.head_names}
     delta = save_delta(tmp_path / name, tm, method, config, meta)

@@ -39,6 +39,14 @@ def torch_threads(count: int = 1) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def perturb(module: torch.nn.Module, scale: float = 0.3) -> None:
+    """Move trainable parameters away from their start (the prefix MLP's last layer starts at zero)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn_like(p))
+
+
 def _tokenizer(kind: str):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
