@@ -21,7 +21,9 @@ from deltatune.backbone import TaskModel
 from deltatune.methods import adapter, prefix
 
 NAME = "mam"
-DEFAULT_LR = 2e-3
+DEFAULT_LR = 5e-4
+"""Measured on rotten-tomatoes (600 examples, 2 epochs, mean pooling): validation 0.72 at 5e-4, 0.67 at 2e-4,
+0.58 (the majority class: it diverged) at 1e-3 and 2e-3; the parallel adapter's scale s = 4 multiplies its step."""
 
 
 @dataclass
