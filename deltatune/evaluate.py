@@ -107,20 +107,35 @@ def inference_overhead(task_model: TaskModel, plain: TaskModel, rows: list[Encod
                        rounds: int = 3) -> dict[str, float]:
     """Forward time of the adapted model against the bare backbone (same head kind) on the same rows.
 
-    The two take turns for `rounds` rounds after one warm-up pass each, in this process, and the median
-    round counts, so both see the same machine. The seed's inference-overhead column: a delta that only
-    changes weights costs nothing extra once merged (deltatune keeps it beside them, so LoRA pays its
-    small side matmuls), adapters add FFN work, soft prompts and prefixes add positions."""
-    seconds: dict[str, list[float]] = {"delta": [], "plain": []}
+    Timed by this process's CPU time on the CPU (other processes on the machine barely move it; on CUDA
+    the wall clock after a synchronize), batch by batch:
+    each batch runs through both models in turn, after one warm-up pass each, for `rounds` rounds; the
+    median round counts. The seed's inference-overhead column: a delta that only changes weights costs
+    nothing extra once merged (deltatune keeps it beside them, so LoRA pays its small side matmuls),
+    adapters add FFN work, soft prompts and prefixes add positions."""
+    batches = [[rows[i] for i in idx] for idx in eval_batches([len(r.input_ids) for r in rows], batch_size)]
     models = {"delta": task_model, "plain": plain}
+    device = task_model.device()
+
+    def clock() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+        return time.process_time()
+
     for model in models.values():  # warm-up: kernels and allocations for these shapes
         predict_logits(model, rows, batch_size)
+    totals: dict[str, list[float]] = {"delta": [], "plain": []}
     for _ in range(rounds):
-        for name, model in models.items():
-            start = time.perf_counter()
-            predict_logits(model, rows, batch_size)
-            seconds[name].append(time.perf_counter() - start)
-    delta, bare = (float(np.median(seconds[k])) for k in ("delta", "plain"))
+        spent = dict.fromkeys(models, 0.0)
+        for batch in batches:
+            for name, model in models.items():
+                start = clock()
+                predict_logits(model, batch, batch_size)
+                spent[name] += clock() - start
+        for name, seconds in spent.items():
+            totals[name].append(seconds)
+    delta, bare = (float(np.median(totals[k])) for k in ("delta", "plain"))
     return {"inference_ms_per_example": 1000 * delta / max(1, len(rows)),
             "backbone_ms_per_example": 1000 * bare / max(1, len(rows)),
             "inference_overhead_pct": 100.0 * (delta / bare - 1.0)}
