@@ -8,8 +8,9 @@ query+value), soft prompts (20 tokens), or a mix (LoRA, prompt, IA3, adapters, p
 One batch = `batch-size` rotten-tomatoes test texts, row b for task b mod N. Rows/s of (tokenizing
 included everywhere):
 
-    single    the engine, every row for one task (same batch size)
-    alone     that task's own model (no engine), every row: what a one-task server runs
+    single    the engine, every row for one task (same batch size); for a mix, each kind of delta
+              timed so, combined by the kinds' shares of the mixed batch's rows
+    alone     that task's own model (no engine), every row: what a one-task server runs (a mix: as single)
     mixed     the engine, rows of N tasks in one batch: shared passes (rows of similar length
               together, `pass_overhead_tokens`) + each task's head
     mixed1    the same forced into exactly one shared pass (everything padded to the longest row)
@@ -139,9 +140,22 @@ def builders(engine: Engine, names: list[str], texts: list[str], kind: str) -> d
         "mixed1": lambda: lambda: one_pass(engine, [(names[b % n], t) for b, t in enumerate(texts)]),
         "separate": lambda: torch.no_grad()(lambda: own([(tasks[i], texts[i::n]) for i in range(min(n, len(texts)))])),
     }
+    if kind == "mix":  # the single-task references, per kind of delta: combined by row share in `main`
+        del variants["single"], variants["alone"]
+        for task in {t.method: t for t in tasks}.values():
+            variants[f"single:{task.method}"] = lambda task=task: lambda: engine.classify([(task.name, t) for t in texts])
+            variants[f"alone:{task.method}"] = lambda task=task: torch.no_grad()(lambda: own([(task, texts)]))
     if kind == "lora":
         variants["peft"] = lambda: peft_step(n, texts)
     return variants
+
+
+def combine_by_share(rate: dict[str, float], tasks: list, rows: int) -> None:
+    """rate['single'] / rate['alone'] of a mix: what serving every row at its own task kind's single-task
+    rate would give, 1 / sum_k(share_k / rate_k), share_k = the mixed batch's rows of kind k."""
+    kinds = [tasks[b % len(tasks)].method for b in range(rows)]
+    for reference in ("single", "alone"):
+        rate[reference] = 1.0 / sum(kinds.count(k) / rows / rate[f"{reference}:{k}"] for k in set(kinds))
 
 
 def main() -> None:
@@ -174,6 +188,8 @@ def main() -> None:
                         engine.add_task(name, path)
                 seconds = time_rounds(builders(engine, names, texts, kind), args.rounds, clock)
                 rate = {k: len(texts) / s for k, s in seconds.items()}
+                if kind == "mix":
+                    combine_by_share(rate, [engine.tasks[name] for name in names], len(texts))
                 peft = f"{rate['peft']:.1f}" if "peft" in rate else "-"
                 vs_peft = " | ".join(f"{rate[k] / rate['peft']:.2f}x" if "peft" in rate else "-"
                                      for k in ("mixed", "mixed1"))

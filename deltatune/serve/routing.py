@@ -152,7 +152,11 @@ class RowRouter(nn.Module):
         self.index: dict[str, int] = {}
         self.active = False
         self.single: Any = None  # every row has the same task here: its unbatched payload
-        self.rows: Any = None  # per-row tensors for this batch
+        self.rows: Any = None  # per-row tensors for this batch (of the `hit` rows only)
+        self.hit: torch.Tensor | None = None
+        """Indices of the rows whose task has a delta here, when some have none (None: every row has one);
+        only those rows are computed: the others pass through, so a mixed batch pays for a kind of delta
+        in proportion to its rows."""
 
     def add(self, task: str, site: nn.Module) -> None:
         self.entries[task] = self.payload(site)
@@ -176,10 +180,21 @@ class RowRouter(nn.Module):
             columns = zip(*self.entries.values())
             self.tables = [stack_padded(list(c), fill) for c, fill in zip(columns, self.FILL)]
         rows = torch.tensor([self.index.get(t, 0) for t in row_tasks], device=self.tables[0].device)
+        if any(t not in self.entries for t in row_tasks):
+            self.hit = rows.nonzero().flatten()  # (H,)
+            rows = rows[self.hit]
         self.rows = self.finish([table[rows] for table in self.tables])
 
     def end(self) -> None:
-        self.active, self.single, self.rows = False, None, None
+        self.active, self.single, self.rows, self.hit = False, None, None, None
+
+    def hit_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, ...) -> the rows with a delta here (H, ...)."""
+        return x if self.hit is None else x.index_select(0, self.hit)
+
+    def scatter(self, full: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+        """full (B, ...) with the hit rows replaced by part (H, ...)."""
+        return part if self.hit is None else full.index_copy(0, self.hit, part)
 
     def payload(self, site: nn.Module) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
@@ -214,8 +229,9 @@ class LoRARouter(RowRouter):
             a, b, scale = self.single
             return out + (F.linear(F.linear(x.to(a.dtype), a), b) * scale).to(out.dtype)
         a, b, scale = self.rows
-        update = (x.to(a.dtype) @ a.transpose(1, 2)) @ b.transpose(1, 2)  # (B, T, r) -> (B, T, d)
-        return out + (update * scale).to(out.dtype)
+        update = (self.hit_rows(x).to(a.dtype) @ a.transpose(1, 2)) @ b.transpose(1, 2)  # (H, T, r) -> (H, T, d)
+        update = (update * scale).to(out.dtype)
+        return out + update if self.hit is None else out.index_add(0, self.hit, update)
 
 
 class IA3Router(RowRouter):
@@ -237,11 +253,15 @@ class IA3Router(RowRouter):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return self.inner(x)
-        vector = self.single[0] if self.single is not None else self.rows
         if self.key == "ia3:in":
-            return self.inner(rescale(x, vector, 0, x.shape[-1]))
-        out = self.inner(x)
-        return rescale(out, vector, 0, out.shape[-1])
+            return self.inner(self.scaled(x))
+        return self.scaled(self.inner(x))
+
+    def scaled(self, h: torch.Tensor) -> torch.Tensor:
+        """h (B, T, n) times each row's vector; only the rows with IA3 here are touched."""
+        if self.single is not None:
+            return rescale(h, self.single[0], 0, h.shape[-1])
+        return self.scatter(h, rescale(self.hit_rows(h), self.rows, 0, h.shape[-1]))  # rows: (H, 1, n)
 
 
 class AdapterRouter(RowRouter):
@@ -269,9 +289,15 @@ class AdapterRouter(RowRouter):
         return down_w, down_b.unsqueeze(1), up_w, up_b.unsqueeze(1), scale.view(-1, 1, 1)
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
-        down_w, down_b, up_w, up_b, scale = self.single if self.single is not None else self.rows
-        out = bottleneck_update(x.to(down_w.dtype), down_w, down_b, up_w, up_b, ACTIVATIONS[self.activation_name])
-        return (out * scale).to(x.dtype)
+        if self.single is not None:
+            down_w, down_b, up_w, up_b, scale = self.single
+            out = bottleneck_update(x.to(down_w.dtype), down_w, down_b, up_w, up_b, ACTIVATIONS[self.activation_name])
+            return (out * scale).to(x.dtype)
+        down_w, down_b, up_w, up_b, scale = self.rows  # the hit rows' weights: (H, m, d), ...
+        part = self.hit_rows(x)
+        out = bottleneck_update(part.to(down_w.dtype), down_w, down_b, up_w, up_b, ACTIVATIONS[self.activation_name])
+        out = (out * scale).to(x.dtype)  # (H, T, d)
+        return out if self.hit is None else x.new_zeros(x.shape).index_copy(0, self.hit, out)
 
     def forward(self, *args, **kwargs):
         if not self.active:
