@@ -26,6 +26,8 @@ GIB = 2**30
 METHODS = ("full", "head", "last2", "features", "lora", "adalora", "bitfit", "adapter", "prompt", "prefix",
            "ptuning", "ia3", "mam", "qlora")
 OPTIMIZERS = ("adamw", "sgd", "adam8bit")
+CLASSIFIER_ONLY = ("head", "features")
+"""Methods that train or fit only a classifier: none of them applies to a generation task."""
 LORA_TARGETS = {"bert": ("q", "v"), "llama": ("q", "v"), "gpt2": ("qkv",)}
 """peft's default LoRA targets: query/value (q_proj/v_proj); GPT-2 has one fused c_attn."""
 IA3_OUTPUT_SCALED = {"bert": ("k", "v"), "llama": ("k", "v"), "gpt2": ("qkv",)}
@@ -137,9 +139,11 @@ class MethodPlan:
     embeddings: bool = False
     """The embedding matrices train (full)."""
     top: bool = False
-    """Pooler / final norm between the last layer and the head train (full, last2)."""
+    """Pooler / final norm between the last layer and the head train (full; last2 trains a final norm, not
+    BERT's pooler, which belongs to the frozen backbone)."""
     head: bool = True
-    """The task head trains: the new classifier, or for generation the LM head (full, head, last2)."""
+    """The task head trains: the new classifier (classification), or for generation the LM head, which only
+    `full` trains (deltatune keeps a pretrained LM head frozen: `head`, `last2` and PEFT methods leave it)."""
     outside_biases: bool = False
     """BitFit: the biases outside the layers (embedding LayerNorm, pooler, final LayerNorm)."""
     prompt_tokens: int = 0
@@ -157,10 +161,13 @@ def plan_for_method(method: str, shapes: ModelShapes, generation: bool,
     settings = settings or DeltaSettings()
     if method not in METHODS:
         raise UserError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+    if generation and method in CLASSIFIER_ONLY:
+        raise UserError(f"{method} trains a classifier: on a generation task the LM head stays frozen and nothing "
+                        f"would train (estimate {shapes.name} as a classifier: --task classification)")
     n_layers, tokens = shapes.layers, settings.num_virtual_tokens
     if tokens < 1 and method in ("prompt", "prefix", "ptuning", "mam"):
         raise UserError(f"{method} needs num_virtual_tokens >= 1, got {tokens}")
-    peft_head = not generation          # PEFT methods train a new classifier, never the LM head
+    new_head = not generation           # a new classifier trains; a pretrained LM head stays frozen
 
     def every_layer(delta: LayerDelta) -> tuple[LayerDelta, ...]:
         return (delta,) * n_layers
@@ -170,25 +177,26 @@ def plan_for_method(method: str, shapes: ModelShapes, generation: bool,
     plans = {
         "full": lambda: MethodPlan(method, every_layer(LayerDelta(all_weights=True)), embeddings=True, top=True),
         "head": lambda: MethodPlan(method, every_layer(frozen)),
-        "last2": lambda: MethodPlan(method, (frozen,) * max(n_layers - 2, 0)
-                                    + (LayerDelta(all_weights=True),) * min(2, n_layers), top=True),
+        "last2": lambda: MethodPlan(method, (frozen,) * max(n_layers - 2, 0)  # + the final norm; BERT's pooler
+                                    + (LayerDelta(all_weights=True),) * min(2, n_layers),  # stays frozen
+                                    top=shapes.family != "bert", head=new_head),
         "features": lambda: MethodPlan(method, every_layer(frozen), backprop=False),
-        "lora": lambda: MethodPlan(method, every_layer(lora), head=peft_head),
-        "qlora": lambda: MethodPlan(method, every_layer(lora), head=peft_head),
+        "lora": lambda: MethodPlan(method, every_layer(lora), head=new_head),
+        "qlora": lambda: MethodPlan(method, every_layer(lora), head=new_head),
         "adalora": lambda: MethodPlan(method, every_layer(LayerDelta(
             lora_targets=LORA_TARGETS[shapes.family], lora_rank=settings.adalora_initial_rank, adalora=True)),
-            head=peft_head),
+            head=new_head),
         "bitfit": lambda: MethodPlan(method, every_layer(LayerDelta(biases=True)), outside_biases=True,
-                                     head=peft_head),
+                                     head=new_head),
         "adapter": lambda: MethodPlan(method, every_layer(LayerDelta(serial_adapter=settings.adapter_bottleneck)),
-                                      head=peft_head),
-        "prompt": lambda: MethodPlan(method, every_layer(frozen), prompt_tokens=tokens, head=peft_head),
-        "ptuning": lambda: MethodPlan(method, every_layer(frozen), prompt_tokens=tokens, head=peft_head,
+                                      head=new_head),
+        "prompt": lambda: MethodPlan(method, every_layer(frozen), prompt_tokens=tokens, head=new_head),
+        "ptuning": lambda: MethodPlan(method, every_layer(frozen), prompt_tokens=tokens, head=new_head,
                                       prompt_encoder_hidden=settings.ptuning_encoder_hidden or shapes.hidden),
-        "prefix": lambda: MethodPlan(method, every_layer(LayerDelta(prefix_tokens=tokens)), head=peft_head),
-        "ia3": lambda: MethodPlan(method, every_layer(LayerDelta(ia3=True)), head=peft_head),
+        "prefix": lambda: MethodPlan(method, every_layer(LayerDelta(prefix_tokens=tokens)), head=new_head),
+        "ia3": lambda: MethodPlan(method, every_layer(LayerDelta(ia3=True)), head=new_head),
         "mam": lambda: MethodPlan(method, every_layer(LayerDelta(
-            prefix_tokens=tokens, parallel_adapter=settings.mam_adapter_bottleneck)), head=peft_head),
+            prefix_tokens=tokens, parallel_adapter=settings.mam_adapter_bottleneck)), head=new_head),
     }
     plan = plans[method]()
     if method == "bitfit" and shapes.layer_bias_params() == 0:
@@ -210,11 +218,17 @@ class TrainableParams:
         return self.backbone + self.delta
 
 
-def head_params(shapes: ModelShapes, generation: bool, num_labels: int) -> int:
-    """Classifier: h·labels + labels. Generation: the LM head V·h (the embedding matrix when tied)."""
+def classifier_bias(shapes: ModelShapes, backprop: bool = True) -> bool:
+    """transformers' BERT classifier has a bias; its decoder classifiers (`score`) have none; `features`
+    fits the biased linear head of deltatune's PooledClassifier."""
+    return shapes.family == "bert" or not backprop
+
+
+def head_params(shapes: ModelShapes, generation: bool, num_labels: int, bias: bool = True) -> int:
+    """Classifier: h·labels (+ labels). Generation: the LM head V·h (the embedding matrix when tied)."""
     if generation:
         return shapes.vocab * shapes.hidden
-    return shapes.hidden * num_labels + num_labels
+    return shapes.hidden * num_labels + (num_labels if bias else 0)
 
 
 def layer_delta_params(shapes: ModelShapes, delta: LayerDelta) -> TrainableParams:
@@ -259,9 +273,9 @@ def count_trainable(shapes: ModelShapes, plan: MethodPlan, generation: bool, num
     if plan.outside_biases:
         backbone += shapes.outside_layer_bias_params()
     if plan.head:
-        lm_head = generation and plan.backprop               # features always fits a classifier
-        tied_and_counted = lm_head and shapes.tied_embeddings and plan.embeddings  # full counted it already
-        backbone += 0 if tied_and_counted else head_params(shapes, lm_head, num_labels)
+        tied_and_counted = generation and shapes.tied_embeddings and plan.embeddings  # full counted it already
+        backbone += 0 if tied_and_counted else head_params(shapes, generation, num_labels,
+                                                           classifier_bias(shapes, plan.backprop))
     h, n, e = shapes.hidden, plan.prompt_tokens, plan.prompt_encoder_hidden
     delta += n * h                                        # the soft prompt embeddings
     if e:
@@ -272,3 +286,39 @@ def count_trainable(shapes: ModelShapes, plan: MethodPlan, generation: bool, num
 def quantized_matrix_params(shapes: ModelShapes, plan: MethodPlan) -> int:
     """Weight matrices of layers whose matrices stay frozen (what a k-bit backbone stores in bits/8 bytes)."""
     return sum(shapes.layer_matrix_params() for layer in plan.layers if not layer.all_weights)
+
+
+def largest_trainable_tensors(shapes: ModelShapes, plan: MethodPlan, generation: bool,
+                              num_labels: int) -> TrainableParams:
+    """Elements of the biggest single trainable tensor, among backbone (and head) parameters and among delta
+    parameters: AdamW updates one tensor at a time on the CPU and allocates two temporaries of its size
+    (sqrt(v) and sqrt(v)/bias-correction)."""
+    linears = shapes.layer_linears()
+    h, backbone, delta = shapes.hidden, [0], [0]
+    for layer in plan.layers:
+        if layer.all_weights:
+            backbone.append(max(lin.in_features * lin.out_features for lin in linears.values()))
+        elif layer.biases:
+            backbone.append(max([lin.out_features for lin in linears.values() if lin.has_bias] + [h]))
+        for role in layer.lora_targets:                     # A: r × in, B: out × r
+            delta.append(layer.lora_rank * max(linears[role].in_features, linears[role].out_features))
+        if layer.ia3:
+            delta.append(max([linears[r].out_features for r in IA3_OUTPUT_SCALED[shapes.family]]
+                             + [linears[r].in_features for r in IA3_INPUT_SCALED[shapes.family]]))
+        for bottleneck in (layer.serial_adapter, layer.parallel_adapter):
+            delta.append(h * bottleneck)
+    prefix_layers = sum(1 for layer in plan.layers if layer.prefix_tokens)
+    if prefix_layers:                                        # one (L, 2, n, kv) tensor for every layer
+        delta.append(prefix_layers * 2 * max(layer.prefix_tokens for layer in plan.layers) * shapes.kv_dim)
+    if plan.embeddings:
+        backbone.append(shapes.vocab * h)
+    if plan.top:
+        backbone.append(shapes.top_params() - h if shapes.family == "bert" else h)
+    if plan.head:
+        backbone.append(shapes.vocab * h if generation else h * num_labels)
+    if plan.prompt_tokens:
+        delta.append(plan.prompt_tokens * h)
+    if plan.prompt_encoder_hidden:
+        e = plan.prompt_encoder_hidden
+        delta.append(max(h * e, e * e))
+    return TrainableParams(max(backbone), max(delta))

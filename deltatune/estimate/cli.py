@@ -2,6 +2,10 @@
 
     total = weights + gradients + optimizer + activations + overhead          (GiB, printed "GB")
 
+The seed model adds every line as if all were alive at once. The detailed model gives what is alive at the
+step's peak (`detailed.step_peak`): the gradients and saved activations of that moment, the transients
+beside them in the overhead, and names the phase (forward, backward, optimizer step).
+
 `estimate_for_model` returns one `MemoryEstimate` per method (for the CLI, and for comparing with
 measured training steps); `hardware_table` sets our numbers beside the seed's LLaMA-Factory table.
 """
@@ -9,6 +13,7 @@ measured training steps); `hardware_table` sets our numbers beside the seed's LL
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -18,16 +23,21 @@ from deltatune.estimate import (
     METHODS,
     OPTIMIZERS,
     QUANT_CONSTANT_BITS,
+    CLASSIFIER_ONLY,
     DeltaSettings,
     MethodPlan,
     Precision,
+    TrainableParams,
+    classifier_bias,
     count_trainable,
     head_params,
+    largest_trainable_tensors,
+    layer_delta_params,
     plan_for_method,
     precision_for,
     quantized_matrix_params,
 )
-from deltatune.estimate.detailed import RunSettings, activation_report
+from deltatune.estimate.detailed import ActivationReport, RunSettings, StepPeak, activation_report, step_peak
 from deltatune.estimate.seed import (
     HARDWARE_MODELS,
     HARDWARE_ROWS,
@@ -41,6 +51,7 @@ from deltatune.estimate.shapes import ModelShapes, load_shapes
 
 ACTIVATION_MODELS = ("seed", "detailed")
 DEVICES = ("cuda", "cpu")
+TASKS = ("classification", "generation")
 
 
 @dataclass(frozen=True)
@@ -51,14 +62,20 @@ class MemoryEstimate:
     trainable_params: int
     weights_gb: float
     gradients_gb: float
+    """Seed: every gradient. Detailed: the gradients formed by the step's peak (none at the top of backward:
+    zero_grad(set_to_none=True) freed them)."""
     optimizer_gb: float
     activations_gb: float
-    """From the model named in `activations_model`."""
+    """From the model named in `activations_model`; detailed: the saved activations alive at the peak."""
     overhead_gb: float
-    """CUDA context (GPU) + the largest short-lived buffer (detailed model)."""
+    """CUDA context (GPU) + the short-lived tensors at the peak (detailed model)."""
     activations_model: str
     seed_activations_gb: float
     detailed_activations_gb: float
+    """Everything the detailed model saves for backward (alive together at the top of backward)."""
+    peak_phase: str = "all at once"
+    """Where the step peaks: forward, backward (loss / layers / embeddings) or optimizer step; the seed
+    formula adds every line as if all were alive at once."""
 
     @property
     def total_gb(self) -> float:
@@ -70,10 +87,11 @@ class MemoryEstimate:
         return {key: round(value, 4) if isinstance(value, float) else value for key, value in row.items()}
 
 
-def parameters_in_memory(shapes: ModelShapes, generation: bool, num_labels: int) -> int:
+def parameters_in_memory(shapes: ModelShapes, generation: bool, num_labels: int, classifier_has_bias: bool = True) -> int:
     """Backbone parameters loaded for the task: with the LM head for generation, a classifier otherwise."""
     body = shapes.embedding_params() + shapes.layers * shapes.layer_params() + shapes.top_params()
-    return body + (shapes.lm_head_params() if generation else head_params(shapes, False, num_labels))
+    return body + (shapes.lm_head_params() if generation
+                   else head_params(shapes, False, num_labels, classifier_has_bias))
 
 
 def weight_bytes(shapes: ModelShapes, plan: MethodPlan, precision: Precision, generation: bool,
@@ -83,14 +101,48 @@ def weight_bytes(shapes: ModelShapes, plan: MethodPlan, precision: Precision, ge
     trainable = count_trainable(shapes, plan, generation, num_labels)
     bits = precision.quantized_bits
     quantized = quantized_matrix_params(shapes, plan) if bits else 0
-    in_memory = parameters_in_memory(shapes, generation, num_labels)
-    if generation and not plan.backprop:                    # features: a classifier beside the LM
-        in_memory += head_params(shapes, False, num_labels)
+    in_memory = parameters_in_memory(shapes, generation, num_labels, classifier_bias(shapes, plan.backprop))
     frozen = in_memory - trainable.backbone - quantized
     total = quantized * (bits + QUANT_CONSTANT_BITS[bits]) / 8 if bits else 0.0
     total += frozen * precision.frozen_bytes + trainable.backbone * precision.trained_bytes
     total += trainable.delta * precision.delta_bytes
     return total + (2 * trainable.total if precision.amp_copy else 0.0)
+
+
+def gradient_bytes(trainable: TrainableParams, precision: Precision) -> float:
+    return trainable.backbone * precision.trained_bytes + trainable.delta * precision.delta_bytes
+
+
+def optimizer_temporary_bytes(optimizer: str, device: str, trainable: TrainableParams,
+                              largest: TrainableParams, precision: Precision) -> float:
+    """AdamW's update allocates sqrt(v), then sqrt(v)/bias-correction: on the CPU (a loop over tensors) two
+    of the largest tensor; on CUDA (foreach) one copy of every parameter of a dtype group at once. SGD
+    updates in place and 8-bit Adam runs a fused kernel: nothing."""
+    if optimizer != "adamw":
+        return 0.0
+    if device == "cpu":
+        return 2 * max(largest.backbone * precision.trained_bytes, largest.delta * precision.delta_bytes)
+    return max(trainable.backbone * precision.trained_bytes, trainable.delta * precision.delta_bytes)
+
+
+def detailed_peak(shapes: ModelShapes, plan: MethodPlan, report: ActivationReport, precision: Precision,
+                  optimizer: str, device: str, generation: bool, num_labels: int) -> StepPeak:
+    """The step's peak above weights and optimizer states: when each gradient forms (the head's first,
+    each layer's as backward passes it, the embeddings' and soft prompts' last) and what is alive then."""
+    trainable = count_trainable(shapes, plan, generation, num_labels)
+    layers = tuple(gradient_bytes(layer_delta_params(shapes, layer), precision) for layer in plan.layers)
+    embeddings = shapes.embedding_params() if plan.embeddings else 0
+    tied_top = generation and plan.head and shapes.tied_embeddings and plan.embeddings  # the LM head's dW
+    prompts = TrainableParams(0, trainable.delta - sum(layer_delta_params(shapes, layer).delta
+                                                       for layer in plan.layers))
+    bottom = (0 if tied_top else embeddings) * precision.trained_bytes + gradient_bytes(prompts, precision)
+    top = gradient_bytes(trainable, precision) - sum(layers) - bottom
+    tied_lookup = shapes.vocab * shapes.hidden * precision.trained_bytes if tied_top else 0.0
+    largest = largest_trainable_tensors(shapes, plan, generation, num_labels)
+    return step_peak(report, backprop=plan.backprop, top_gradient_bytes=top, layer_gradient_bytes=layers,
+                     bottom_gradient_bytes=bottom, embedding_backward_bytes=tied_lookup,
+                     optimizer_temporary_bytes=optimizer_temporary_bytes(optimizer, device, trainable, largest,
+                                                                         precision))
 
 
 def estimate_for_model(shapes: ModelShapes | str, methods: Sequence[str], *, batch_size: int = 8,
@@ -125,6 +177,7 @@ def estimate_for_model(shapes: ModelShapes | str, methods: Sequence[str], *, bat
                           gradient_checkpointing, device, generation, num_labels)
         report = activation_report(shapes, plan, run)
         seed_activations = seed_hidden_states_bytes(shapes, batch_size, seq_len, precision.activation_bytes)
+        phase = "all at once"
         if activations == "seed":
             parts = seed_components(shapes, trainable.total, precision, optimizer, batch_size, seq_len,
                                     full=method == "full")
@@ -132,19 +185,22 @@ def estimate_for_model(shapes: ModelShapes | str, methods: Sequence[str], *, bat
             states_backbone = optimizer_state_bytes(optimizer, precision.trained_bytes)
             states_delta = optimizer_state_bytes(optimizer, precision.delta_bytes)
             context = SEED_CUDA_CONTEXT_BYTES if device == "cuda" else 0.0
-            parts = {
+            peak = detailed_peak(shapes, plan, report, precision, optimizer, device, generation, num_labels)
+            phase = peak.phase
+            parts = {  # features: fitted by scikit-learn, no autograd gradients nor optimizer
                 "weights": weight_bytes(shapes, plan, precision, generation, num_labels),
-                "gradients": trainable.backbone * precision.trained_bytes + trainable.delta * precision.delta_bytes,
-                "optimizer": trainable.backbone * states_backbone + trainable.delta * states_delta,
-                "activations": report.total_bytes,
-                "overhead": context + report.temporary_bytes,
+                "gradients": peak.gradients_bytes,
+                "optimizer": (trainable.backbone * states_backbone + trainable.delta * states_delta
+                              if plan.backprop else 0.0),
+                "activations": peak.activations_bytes,
+                "overhead": context + peak.transient_bytes,
             }
         estimates.append(MemoryEstimate(
             method=method, trainable_params=trainable.total, weights_gb=parts["weights"] / GIB,
             gradients_gb=parts["gradients"] / GIB, optimizer_gb=parts["optimizer"] / GIB,
             activations_gb=parts["activations"] / GIB, overhead_gb=parts["overhead"] / GIB,
             activations_model=activations, seed_activations_gb=seed_activations / GIB,
-            detailed_activations_gb=report.total_bytes / GIB))
+            detailed_activations_gb=report.total_bytes / GIB, peak_phase=phase))
     return estimates
 
 
@@ -192,18 +248,21 @@ def format_hardware_table(rows: list[HardwareRow]) -> str:
 
 
 def format_estimates(shapes: ModelShapes, estimates: list[MemoryEstimate], header: str) -> str:
-    """A table per method; the activation column used in the total is marked with *."""
+    """A table per method: the parts of the total as alive at the step's peak, then both activation models'
+    sizes for reference (seed formula, all that the detailed model saves) and where the peak is."""
     used = estimates[0].activations_model if estimates else "detailed"
-    seed_head, detailed_head = ("act.seed*", "act.detail") if used == "seed" else ("act.seed", "act.detail*")
-    columns = ("method", "trainable", "weights", "gradients", "optimizer", seed_head, detailed_head, "overhead",
-               "total")
+    columns = ("method", "trainable", "weights", "gradients", "optimizer", "activations", "overhead", "total",
+               "act.seed", "act.saved")
     lines = [f"{shapes.name}: {shapes.n_params:,} parameters ({shapes.family}); {header}",
-             f"{columns[0]:<10}{columns[1]:>15}" + "".join(f"{c:>12}" for c in columns[2:])]
+             f"{columns[0]:<10}{columns[1]:>15}" + "".join(f"{c:>12}" for c in columns[2:]) + "  peak at"]
     for e in estimates:
-        numbers = (e.weights_gb, e.gradients_gb, e.optimizer_gb, e.seed_activations_gb, e.detailed_activations_gb,
-                   e.overhead_gb, e.total_gb)
-        lines.append(f"{e.method:<10}{e.trainable_params:>15,}" + "".join(f"{n:>12.2f}" for n in numbers))
-    lines.append("GB = GiB (2**30 bytes); total uses the * activation column.")
+        numbers = (e.weights_gb, e.gradients_gb, e.optimizer_gb, e.activations_gb, e.overhead_gb, e.total_gb,
+                   e.seed_activations_gb, e.detailed_activations_gb)
+        lines.append(f"{e.method:<10}{e.trainable_params:>15,}" + "".join(f"{n:>12.2f}" for n in numbers)
+                     + f"  {e.peak_phase}")
+    lines.append(f"GB = GiB (2**30 bytes). total = weights + gradients + optimizer + activations + overhead "
+                 f"({used} activation model), each as alive at the step's peak; act.seed = the seed formula, "
+                 "act.saved = all the detailed model saves for backward.")
     return "\n".join(lines)
 
 
@@ -218,27 +277,42 @@ def method_names(method: str | Sequence[str] | None) -> list[str]:
     return names or DEFAULT_METHODS.split(",")
 
 
-def parse_methods(method: str | Sequence[str] | None, shapes: ModelShapes, dtype: str) -> list[str]:
+def parse_methods(method: str | Sequence[str] | None, shapes: ModelShapes, dtype: str,
+                  generation: bool = False) -> list[str]:
     """"full,lora" (or a list of them) → ["full", "lora"]; "all" → every method that applies (no bitfit without
-    biases, no full fine-tuning of k-bit weights)."""
+    biases, no full fine-tuning of k-bit weights, no classifier-only method on a generation task)."""
     names = method_names(method)
     if "all" in names and len(names) > 1:
         raise UserError("--method all already names every method: give it alone")
     if names == ["all"]:
         quantized = precision_for(dtype, "full").quantized_bits is not None
         return [name for name in METHODS
-                if not (name == "bitfit" and shapes.layer_bias_params() == 0) and not (name == "full" and quantized)]
+                if not (name == "bitfit" and shapes.layer_bias_params() == 0) and not (name == "full" and quantized)
+                and not (generation and name in CLASSIFIER_ONLY)]
     unknown = [name for name in names if name not in METHODS]
     if unknown:
         raise UserError(f"unknown method {unknown[0]!r} (choose from {', '.join(METHODS)}, or all)")
     return names
 
 
+def task_is_generation(task: str | None, shapes: ModelShapes) -> bool:
+    """--task: generation (LM loss; decoders only) or classification (a classifier with --num-labels outputs:
+    last-token pooling for a decoder, as `deltatune compare` trains it); None: generation for decoders."""
+    if task is None:
+        return shapes.is_decoder
+    key = task.strip().lower()
+    if key not in TASKS:
+        raise UserError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
+    if key == "generation" and not shapes.is_decoder:
+        raise UserError(f"{shapes.name} is an encoder: it trains a classifier, not generation")
+    return key == "generation"
+
+
 def estimate(*, model: str = "all-minilm-l6-v2", method: list[str] | None = None, batch_size: int = 8, seq_len: int = 128,
              dtype: str = "fp32", optimizer: str = "adamw", activations: str = "detailed",
              gradient_checkpointing: bool = False, num_virtual_tokens: int = 20, num_labels: int = 2,
              hardware_table: bool = False, json_: bool = False, attention: str = "eager", measure: bool = False,
-             measure_steps: int = 3, threads: int = 1) -> int:
+             measure_steps: int = 3, threads: int = 1, task: str | None = None) -> int:
     """Estimate the GPU memory of one training step per method, from the model's shapes alone.
 
     Args:
@@ -251,20 +325,26 @@ def estimate(*, model: str = "all-minilm-l6-v2", method: list[str] | None = None
         activations: activation model for the total: detailed (per-layer autograd accounting) or seed (the slide formula).
         gradient_checkpointing: keep only each layer's input and recompute the layer in backward.
         num_virtual_tokens: soft tokens of prompt tuning, p-tuning, prefix tuning and MAM.
-        num_labels: classifier outputs for encoder models.
+        num_labels: classifier outputs (classification tasks).
         hardware_table: print the seed's hardware table (7B-70B) beside our estimates instead.
         json_: print a JSON list, one object per method (or per hardware-table cell).
         attention: attention kernel of the detailed model: eager (saves seq² scores) or sdpa (fused, saves no seq² tensor).
         measure: run real training steps on this machine (CPU, fp32, AdamW, sdpa), one process per method, and print the measured peak beside the detailed CPU estimate (model: a folder or minilm / smollm2).
         measure_steps: training steps per method with --measure.
         threads: torch threads per measuring process.
+        task: generation (LM loss over the vocabulary) or classification (a --num-labels classifier; a decoder pools its last token, as `deltatune compare` trains it); default: generation for decoders, classification for encoders.
     """
     if hardware_table:
         rows = hardware_table_rows()  # the flag shadows the function's name here
         print(json.dumps([asdict(row) for row in rows], indent=2) if json_ else format_hardware_table(rows))
         return 0
     shapes = load_shapes(model)
-    methods = parse_methods(method, shapes, dtype)
+    generation = task_is_generation(task, shapes)
+    methods = parse_methods(method, shapes, dtype, generation)
+    skipped = [m for m in CLASSIFIER_ONLY if generation and m not in methods and method_names(method) == ["all"]]
+    if skipped:
+        print(f"note: {' and '.join(skipped)} train only a classifier: not on a generation task "
+              "(--task classification estimates them)", file=sys.stderr)
     if measure:
         from deltatune.estimate.measure import (
             MEASURABLE,
@@ -278,20 +358,23 @@ def estimate(*, model: str = "all-minilm-l6-v2", method: list[str] | None = None
 
         names = [m for m in methods if m in MEASURABLE] if method_names(method) == ["all"] else methods
         rows = measure_methods(model, names, batch_size=batch_size, seq_len=seq_len, steps=measure_steps,
-                               num_labels=num_labels, threads=threads)
+                               num_labels=num_labels, threads=threads, generation=generation)
+        kind = "generation" if generation else f"classification ({num_labels} labels)"
         print(json.dumps(measurements_json(rows), indent=2) if json_ else format_measurements(
-            rows, f"{model}: batch {batch_size}, seq {seq_len}, fp32, AdamW, sdpa, CPU; {measure_steps} steps"))
+            rows, f"{model}: {kind}, batch {batch_size}, seq {seq_len}, fp32, AdamW, sdpa, CPU; "
+                  f"{measure_steps} steps"))
         return 0
     estimates = estimate_for_model(shapes, methods, batch_size=batch_size, seq_len=seq_len, dtype=dtype,
                                    optimizer=optimizer, activations=activations,
                                    gradient_checkpointing=gradient_checkpointing,
                                    num_virtual_tokens=num_virtual_tokens, num_labels=num_labels,
-                                   attention=attention)
+                                   attention=attention, generation=generation)
     if json_:
         print(json.dumps([e.to_json() for e in estimates], indent=2))
     else:
         checkpointing = "gradient checkpointing" if gradient_checkpointing else "no checkpointing"
-        print(format_estimates(shapes, estimates, f"batch {batch_size}, seq {seq_len}, {dtype}, {optimizer}, "
-                                                  f"{attention} attention, {checkpointing}"))
+        kind = "generation" if generation else f"classification ({num_labels} labels)"
+        print(format_estimates(shapes, estimates, f"{kind}, batch {batch_size}, seq {seq_len}, {dtype}, "
+                                                  f"{optimizer}, {attention} attention, {checkpointing}"))
     return 0
 

@@ -1,4 +1,5 @@
-"""Detailed activation model: per layer, the tensors autograd saves for backward in transformers' code.
+"""Detailed activation model: per layer, the tensors autograd saves for backward in transformers' code, the
+short-lived tensors alive beside them, and the step's peak.
 
 PyTorch saves, during forward, exactly what each backward formula needs, and only for inputs that
 require grad (derivatives.yaml; checked here with torch.autograd.graph.saved_tensors_hooks):
@@ -24,8 +25,25 @@ backward needs. For one BERT layer trained fully, eager attention, T = b·s toke
 
 Prompt tuning grows s by n soft tokens; prefix tuning grows only the key length s_k = s + n. Gradient
 checkpointing keeps each layer's input (T·h·a) and recomputes one layer at a time during backward:
-Σ inputs + max(one layer's saved set). The logits (T·V) of a language model are held by the output and
-the loss keeps fp32 log-probabilities (T·V·4).
+Σ inputs + max(one layer's saved set). A language model's loss keeps fp32 log-probabilities (T·V·4); the
+logits themselves are dropped with the model output once the loss is taken (`model(**batch).loss`).
+
+Live tensors. Beside what is saved, each op's output lives until the code drops its last reference: a
+temporary in an expression dies when its consumer returns, a Python local when its function returns, the
+layer input when the layer returns (the caller still holds it). The walk records every allocation (`new`)
+and release (`free`), so each layer has a forward peak: what it saved so far + what is alive. A frozen
+layer under no autograd keeps nothing but still holds, at its widest point, its input, q, k, v, and the
+attention probabilities, their dropout noise and the dropped copy (the math kernel SDPA falls back to on
+CPU when dropout is on), or the FFN intermediate and its activation.
+
+The step's peak (`step_peak`): with the optimizer states resident and the gradients freed by
+zero_grad(set_to_none=True), memory is highest at one of
+
+    forward        saved so far + the live tensors of the widest layer (or of the loss: logits, log-probs)
+    backward top   all saved + the loss gradients (∂log-probs and ∂logits: 2·T·V·4 for a language model)
+    backward l     saved of layers ≤ l + gradients formed so far (head, layers ≥ l) + layer l's gradient buffers
+    optimizer      every gradient + AdamW's temporaries (CPU: sqrt(v) and sqrt(v)/bias-correction of the
+                   largest tensor; CUDA foreach: one copy of the whole parameter group)
 """
 
 from __future__ import annotations
@@ -81,25 +99,56 @@ class Act:
 
 @dataclass
 class Tape:
-    """Records the tensors autograd saves for backward, following PyTorch's rules (see module docstring)."""
+    """Records the tensors autograd saves for backward, following PyTorch's rules (see module docstring), and
+    the tensors alive beside them: `peak` is the most the walk ever held (saved + live)."""
 
     device: str
     saved: dict[str, float] = field(default_factory=dict)
+    live: dict[str, float] = field(default_factory=dict)
+    """Allocated, not saved, still referenced."""
+    peak: float = 0.0
 
     @property
     def total(self) -> float:
         return sum(self.saved.values())
 
+    def _observe(self) -> None:
+        self.peak = max(self.peak, self.total + sum(self.live.values()))
+
+    def new(self, tensor: Act) -> Act:
+        """An op allocates `tensor`; it stays alive until `free` (or for backward if kept)."""
+        if tensor.name not in self.saved:
+            self.live.setdefault(tensor.name, tensor.nbytes)
+        self._observe()
+        return tensor
+
+    def free(self, *tensors: Act) -> None:
+        """The last reference is dropped; a saved tensor stays for backward."""
+        for tensor in tensors:
+            self.live.pop(tensor.name, None)
+
+    def free_all_but(self, *kept: Act, since: frozenset[str] = frozenset()) -> None:
+        """A function returns: the tensors it allocated go (all but those alive when it was called, `since`),
+        what it returns stays."""
+        names = {t.name for t in kept} | since
+        self.live = {name: size for name, size in self.live.items() if name in names}
+
+    def scope(self) -> frozenset[str]:
+        """The tensors alive when a function is called (for `free_all_but` when it returns)."""
+        return frozenset(self.live)
+
     def keep(self, tensor: Act) -> None:
+        self.live.pop(tensor.name, None)
         self.saved.setdefault(tensor.name, tensor.nbytes)
+        self._observe()
 
     def linear(self, x: Act, name: str, out_features: int, weight_trains: bool, bias_trains: bool = False,
                rows: float | None = None) -> Act:
         """y = x·Wᵀ + b: keeps x only to form dW."""
         if weight_trains:
             self.keep(x)
-        return Act(name, x.rows if rows is None else rows, out_features, x.itemsize,
-                   x.grad or weight_trains or bias_trains)
+        return self.new(Act(name, x.rows if rows is None else rows, out_features, x.itemsize,
+                            x.grad or weight_trains or bias_trains))
 
     def product(self, a: Act, b: Act, name: str, rows: float, width: float) -> Act:
         """c = a·b (elementwise or matmul): da needs b, db needs a."""
@@ -107,46 +156,52 @@ class Tape:
             self.keep(a)
         if a.grad:
             self.keep(b)
-        return Act(name, rows, width, a.itemsize, a.grad or b.grad)
+        return self.new(Act(name, rows, width, a.itemsize, a.grad or b.grad))
 
     def scale(self, x: Act, name: str, vector_trains: bool) -> Act:
         """x · l with a per-channel vector l (IA3): dl needs x; dx needs l (a parameter)."""
         if vector_trains:
             self.keep(x)
-        return x.derived(name, grad=x.grad or vector_trains)
+        return self.new(x.derived(name, grad=x.grad or vector_trains))
 
     def softmax(self, scores: Act, name: str, itemsize: float) -> Act:
         """p = softmax(s) (or log-softmax): the backward uses the output p."""
-        out = scores.derived(name, itemsize=itemsize)
+        out = self.new(scores.derived(name, itemsize=itemsize))
         if scores.grad:
             self.keep(out)
         return out
 
     def dropout(self, x: Act, p: float) -> Act:
-        """Keeps the mask; p = 0 is an identity (Llama's attention) and keeps nothing."""
+        """Keeps the mask; p = 0 is an identity (Llama's attention) and keeps nothing. Without grad the mask
+        (CPU: a float noise tensor, input · noise) dies with the op."""
         if p <= 0:
             return x
+        mask = self.new(x.derived(f"{x.name}.dropout_mask", itemsize=1 if self.device == "cuda" else x.itemsize))
         if x.grad:
-            self.keep(x.derived(f"{x.name}.dropout_mask", itemsize=1 if self.device == "cuda" else x.itemsize))
-        return x.derived(f"{x.name}.dropped")
+            self.keep(mask)
+        out = self.new(x.derived(f"{x.name}.dropped"))
+        self.free(mask)
+        return out
 
     def activation(self, x: Act, kind: str) -> Act:
         """Elementwise nonlinearity; what it keeps depends on how its derivative is written."""
         out = x.derived(f"{x.name}.{kind}")
-        if not x.grad:
+        if kind == "gelu_new":  # 0.5·x·(1 + tanh(c·(x + 0.044715·x³))) in Python: x, tanh, 0.5x, 1 + tanh
+            parts = [self.new(x.derived(f"{x.name}.gelu_new.{part}")) for part in ("tanh", "half_x", "one_plus_tanh")]
+            if x.grad:
+                for part in [x, *parts]:
+                    self.keep(part)
+            self.new(out)
+            self.free(*parts)
             return out
-        if kind in ("relu", "tanh"):
-            self.keep(out)
-        elif kind == "gelu_new":  # 0.5·x·(1 + tanh(c·(x + 0.044715·x³))) in Python: x, tanh, 0.5x, 1 + tanh
-            for part in ("input", "tanh", "half_x", "one_plus_tanh"):
-                self.keep(x if part == "input" else x.derived(f"{x.name}.gelu_new.{part}"))
-        else:  # gelu, silu: derivative evaluated at the input
-            self.keep(x)
+        self.new(out)
+        if x.grad:
+            self.keep(out if kind in ("relu", "tanh") else x)  # gelu, silu: derivative evaluated at the input
         return out
 
     def layer_norm(self, x: Act, name: str, weight_trains: bool) -> Act:
         """native_layer_norm keeps x, mean and rstd (fp32) whenever any of its inputs needs grad."""
-        out = x.derived(name, grad=x.grad or weight_trains)
+        out = self.new(x.derived(name, grad=x.grad or weight_trains))
         if out.grad:
             self.keep(x)
             self.keep(x.derived(f"{name}.mean_rstd", width=2, itemsize=4))
@@ -154,64 +209,88 @@ class Tape:
 
     def rms_norm(self, x: Act, name: str, weight_trains: bool) -> Act:
         """LlamaRMSNorm: w · (x_fp32 · rsqrt(mean(x_fp32²) + ε)).to(dtype)."""
+        upcast = x if x.itemsize == 4 else self.new(x.derived(f"{x.name}.fp32", itemsize=4))
+        squares = self.new(upcast.derived(f"{name}.squares"))   # pow(2), reduced by mean
+        self.free(squares)
+        normalized = self.new(upcast.derived(f"{name}.normalized_fp32"))
         if x.grad:
-            self.keep(x if x.itemsize == 4 else x.derived(f"{x.name}.fp32", itemsize=4))  # pow and mul keep it
+            self.keep(upcast)                                     # pow and mul keep it
             self.keep(x.derived(f"{name}.rsqrt", width=1, itemsize=4))
+        if upcast is not x:
+            self.free(upcast)
+        cast = normalized if x.itemsize == 4 else self.new(x.derived(f"{name}.normalized"))
+        if cast is not normalized:
+            self.free(normalized)
         if weight_trains:
-            self.keep(x.derived(f"{name}.normalized"))  # w · x̂ keeps x̂ to form dw
-        return x.derived(name, grad=x.grad or weight_trains)
+            self.keep(cast)                                       # w · x̂ keeps x̂ to form dw
+        out = self.new(x.derived(name, grad=x.grad or weight_trains))
+        self.free(cast)
+        return out
 
     def fused_attention(self, q: Act, k: Act, v: Act, ctx: Act, logsumexp: Act) -> Act:
         """SDPA flash / memory-efficient kernels keep q, k, v, the output and logsumexp, nothing seq²."""
+        self.new(ctx)
+        self.new(logsumexp)
         if q.grad or k.grad or v.grad:
             for tensor in (q, k, v, ctx, logsumexp):
                 self.keep(tensor)
         return ctx.derived(ctx.name, grad=q.grad or k.grad or v.grad)
 
+    def add(self, branch: Act, skip: Act, name: str) -> Act:
+        """branch + skip: an addition keeps nothing, its output is a new tensor."""
+        return self.new(skip.derived(name, grad=branch.grad or skip.grad))
 
-def residual(branch: Act, skip: Act, name: str) -> Act:
-    """branch + skip: an addition keeps nothing."""
-    return skip.derived(name, grad=branch.grad or skip.grad)
 
-
-def delta_input(x: Act, name: str, run: RunSettings) -> Act:
+def delta_input(tape: Tape, x: Act, name: str, run: RunSettings) -> Act:
     """Delta modules cast their input to their own dtype: a private copy when it differs (fp32 LoRA on bf16)."""
-    return x if x.itemsize == run.delta_bytes else x.derived(f"{name}.input_cast", itemsize=run.delta_bytes)
+    return x if x.itemsize == run.delta_bytes else tape.new(x.derived(f"{name}.input_cast", itemsize=run.delta_bytes))
 
 
 def lora_branch(tape: Tape, x: Act, base_out: Act, rank: int, run: RunSettings) -> Act:
     """y = W·x + (α/r)·B·A·x: A keeps its input x, B keeps the r-wide z = A·x."""
-    z = tape.linear(delta_input(x, base_out.name, run), f"{base_out.name}.lora_z", rank, weight_trains=True)
-    tape.linear(z, f"{base_out.name}.lora_out", int(base_out.width), weight_trains=True)
-    return base_out.derived(f"{base_out.name}+lora", grad=True)
+    z = tape.linear(delta_input(tape, x, base_out.name, run), f"{base_out.name}.lora_z", rank, weight_trains=True)
+    update = tape.linear(z, f"{base_out.name}.lora_out", int(base_out.width), weight_trains=True)
+    out = tape.add(update, base_out, f"{base_out.name}+lora")
+    tape.free(z, update, base_out)
+    return out.derived(out.name, grad=True)
 
 
 def bottleneck_adapter(tape: Tape, x: Act, name: str, bottleneck: int, run: RunSettings) -> Act:
     """Houlsby adapter x + W_up·ReLU(W_down·x + b) + b': down keeps x, ReLU keeps its output (= up's input)."""
-    down = tape.linear(delta_input(x, name, run), f"{name}.down", bottleneck, weight_trains=True)
+    down = tape.linear(delta_input(tape, x, name, run), f"{name}.down", bottleneck, weight_trains=True)
     hidden = tape.activation(down, "relu")
-    tape.linear(hidden, f"{name}.up", int(x.width), weight_trains=True)
-    return x.derived(f"{name}.out", grad=True)
+    tape.free(down)
+    up = tape.linear(hidden, f"{name}.up", int(x.width), weight_trains=True)
+    out = tape.add(up, x, f"{name}.out")
+    tape.free(hidden, up)
+    return out.derived(out.name, grad=True)
 
 
 def projection(tape: Tape, x: Act, role: str, shapes: ModelShapes, layer: LayerDelta, run: RunSettings) -> Act:
     """One of the layer's matrices with what the method attaches: IA3 scales, LoRA on the side."""
     linear = shapes.layer_linears()[role]
+    source = x
     if layer.ia3 and role in IA3_INPUT_SCALED[shapes.family]:  # peft casts x to l's dtype, scales, casts back
-        scaled = tape.scale(delta_input(x, f"{role}.ia3", run), f"{role}.ia3_scaled_input", vector_trains=True)
+        scaled = tape.scale(delta_input(tape, x, f"{role}.ia3", run), f"{role}.ia3_scaled_input", vector_trains=True)
         x = scaled.derived(scaled.name, itemsize=x.itemsize)
     y = tape.linear(x, role, linear.out_features, weight_trains=layer.all_weights,
                     bias_trains=linear.has_bias and (layer.all_weights or layer.biases))
+    if x is not source:
+        tape.free(x)
     if role in layer.lora_targets:
-        y = lora_branch(tape, x, y, layer.lora_rank, run)
+        y = lora_branch(tape, source, y, layer.lora_rank, run)
     if layer.ia3 and role in IA3_OUTPUT_SCALED[shapes.family]:
-        y = tape.scale(y, f"{role}.ia3_scaled", vector_trains=True)
+        scaled = tape.scale(y, f"{role}.ia3_scaled", vector_trains=True)
+        tape.free(y)
+        y = scaled
     return y
 
 
 def attention_block(tape: Tape, x: Act, shapes: ModelShapes, layer: LayerDelta, run: RunSettings) -> Act:
-    """Self-attention from the normalized input x to the output projection (before the residual)."""
+    """Self-attention from the normalized input x to the output projection (before the residual); q, k, v
+    are locals of the attention function and live until it returns."""
     b, tokens, a = run.batch_size, x.rows, x.itemsize
+    caller = tape.scope()
     seq = tokens / b
     key_len = seq + layer.prefix_tokens                      # prefix tuning lengthens only the keys
     if shapes.family == "gpt2":                              # one fused c_attn, split into q, k, v views that
@@ -220,77 +299,125 @@ def attention_block(tape: Tape, x: Act, shapes: ModelShapes, layer: LayerDelta, 
     else:
         q, k, v = (projection(tape, x, role, shapes, layer, run) for role in ("q", "k", "v"))
     if shapes.family == "llama":                             # RoPE: q·cos + rot(q)·sin keeps only cos, sin
-        q, k = q.derived("q_rope"), k.derived("k_rope")
+        rotated = tape.new(q.derived("q_rope")), tape.new(k.derived("k_rope"))
+        tape.free(q, k)                                      # rebound to the rotated copies
+        q, k = rotated
     if layer.prefix_tokens:                                  # cat(prefix, k): trainable keys and values
-        k = Act("k_with_prefix", b * key_len, k.width, a, True)
-        v = Act("v_with_prefix", b * key_len, v.width, a, True)
+        k_old, v_old = k, v
+        k = tape.new(Act("k_with_prefix", b * key_len, k.width, a, True))
+        v = tape.new(Act("v_with_prefix", b * key_len, v.width, a, True))
+        tape.free(k_old, v_old)
     score_rows = b * shapes.heads * seq
     math_fallback = run.attention == "sdpa" and run.device == "cpu" and shapes.attention_dropout > 0
     if run.attention == "sdpa" and not math_fallback:
         if layer.prefix_tokens:                              # peft passes a mask: kv repeated, mask kept
-            k, v = k.derived("k_repeated", width=shapes.q_dim), v.derived("v_repeated", width=shapes.q_dim)
+            k = tape.new(k.derived("k_repeated", width=shapes.q_dim))
+            v = tape.new(v.derived("v_repeated", width=shapes.q_dim))
             tape.keep(Act("attention_mask", b * seq, key_len, a, False))
         ctx = Act("ctx", tokens, shapes.q_dim, a, False)     # the kernel's output is o_proj's input
         ctx = tape.fused_attention(q, k, v, ctx, Act("attention.logsumexp", score_rows, 1, 4, False))
     else:
         if math_fallback and a != 4:                         # CPU math path with dropout runs in fp32
-            q, k, v = (t.derived(f"{t.name}.fp32", itemsize=4) for t in (q, k, v))
+            q, k, v = (tape.new(t.derived(f"{t.name}.fp32", itemsize=4)) for t in (q, k, v))
         if shapes.heads != shapes.kv_heads:                  # repeat_kv materializes heads/kv_heads copies
-            k, v = k.derived("k_repeated", width=shapes.q_dim), v.derived("v_repeated", width=shapes.q_dim)
+            k = tape.new(k.derived("k_repeated", width=shapes.q_dim))
+            v = tape.new(v.derived("v_repeated", width=shapes.q_dim))
         scores = tape.product(q, k, "scores", score_rows, key_len)   # (q·kᵀ)·scale + mask keeps nothing more
         softmax_bytes = 4 if shapes.family == "llama" else q.itemsize  # Llama: softmax(dtype=float32)
         probs = tape.softmax(scores, "probs", softmax_bytes)
+        tape.free(scores)
         if probs.itemsize != q.itemsize:
-            probs = probs.derived("probs_cast", itemsize=q.itemsize)
-        probs = tape.dropout(probs, shapes.attention_dropout)
-        ctx = tape.product(probs, v, "ctx_heads", tokens, shapes.q_dim)
-        ctx = ctx.derived("ctx", itemsize=a)                 # heads merged by a contiguous copy
-    return projection(tape, ctx, "o", shapes, layer, run)
+            cast = tape.new(probs.derived("probs_cast", itemsize=q.itemsize))
+            tape.free(probs)
+            probs = cast
+        dropped = tape.dropout(probs, shapes.attention_dropout)
+        ctx = tape.product(dropped, v, "ctx_heads", tokens, shapes.q_dim)
+        tape.free(probs, dropped)
+        merged = tape.new(ctx.derived("ctx", itemsize=a))    # heads merged by a contiguous copy
+        tape.free(ctx)
+        ctx = merged
+    out = projection(tape, ctx, "o", shapes, layer, run)
+    tape.free_all_but(out, since=caller)
+    return out
 
 
 def ffn_block(tape: Tape, x: Act, shapes: ModelShapes, layer: LayerDelta, run: RunSettings) -> Act:
-    """FFN: down(act(up(x))) or, for Llama, SwiGLU down(silu(gate(x)) · up(x))."""
+    """FFN: down(act(up(x))) or, for Llama, SwiGLU down(silu(gate(x)) · up(x)); each intermediate is a
+    temporary that dies once its consumer has run (BERT's activated output lives until its output block returns)."""
     if shapes.family == "llama":
         gate = projection(tape, x, "gate", shapes, layer, run)
+        activated = tape.activation(gate, "silu")
+        tape.free(gate)
         up = projection(tape, x, "up", shapes, layer, run)
-        hidden = tape.product(tape.activation(gate, "silu"), up, "gated", x.rows, shapes.intermediate)
+        hidden = tape.product(activated, up, "gated", x.rows, shapes.intermediate)
+        tape.free(activated, up)
     else:
-        hidden = tape.activation(projection(tape, x, "up", shapes, layer, run), shapes.hidden_act)
-    return projection(tape, hidden, "down", shapes, layer, run)
+        up = projection(tape, x, "up", shapes, layer, run)
+        hidden = tape.activation(up, shapes.hidden_act)
+        tape.free(up)
+    out = projection(tape, hidden, "down", shapes, layer, run)
+    tape.free(hidden)
+    return out
 
 
 def layer_forward(tape: Tape, x: Act, shapes: ModelShapes, layer: LayerDelta, run: RunSettings) -> Act:
     """One block. BERT is post-LN: LN(x + attn(x)), LN(h + ffn(h)); Llama and GPT-2 are pre-norm:
     x + attn(norm(x)), h + ffn(norm(h)). Houlsby adapters follow the attention and FFN outputs;
-    MAM's parallel adapter reads the FFN input and adds to its output."""
+    MAM's parallel adapter reads the FFN input and adds to its output. The input x lives through the layer."""
     post_norm = shapes.family == "bert"
     norm_trains = layer.all_weights or (layer.biases and shapes.family != "llama")
+    tape.new(x)
 
     def norm(t: Act, name: str) -> Act:
         if shapes.family == "llama":
             return tape.rms_norm(t, name, layer.all_weights)
         return tape.layer_norm(t, name, norm_trains)
 
-    attn = attention_block(tape, x if post_norm else norm(x, "attn_norm"), shapes, layer, run)
+    def branch_out(branch: Act, skip: Act, name: str) -> Act:
+        """dropout(branch) + skip: the branch and its dropped copy die at the addition."""
+        dropped = tape.dropout(branch, shapes.hidden_dropout)
+        out = tape.add(dropped, skip, name)
+        tape.free(branch, dropped)
+        return out
+
+    attn_in = x if post_norm else norm(x, "attn_norm")
+    attn = attention_block(tape, attn_in, shapes, layer, run)
+    if attn_in is not x:
+        tape.free(attn_in)
     if layer.serial_adapter:
-        attn = bottleneck_adapter(tape, attn, "attn_adapter", layer.serial_adapter, run)
-    middle = residual(tape.dropout(attn, shapes.hidden_dropout), x, "attn_residual")
+        adapted = bottleneck_adapter(tape, attn, "attn_adapter", layer.serial_adapter, run)
+        tape.free(attn)
+        attn = adapted
+    middle = branch_out(attn, x, "attn_residual")
     if post_norm:
-        middle = norm(middle, "attn_norm")
+        normed = norm(middle, "attn_norm")
+        tape.free(middle)
+        middle = normed
     ffn_in = middle if post_norm else norm(middle, "ffn_norm")
     ffn = ffn_block(tape, ffn_in, shapes, layer, run)
     if layer.parallel_adapter:
-        ffn = residual(bottleneck_adapter(tape, ffn_in, "parallel_adapter", layer.parallel_adapter, run),
-                       ffn, "ffn+parallel_adapter")
+        parallel = bottleneck_adapter(tape, ffn_in, "parallel_adapter", layer.parallel_adapter, run)
+        combined = tape.add(parallel, ffn, "ffn+parallel_adapter")
+        tape.free(parallel, ffn)
+        ffn = combined
+    if ffn_in is not middle:
+        tape.free(ffn_in)
     if layer.serial_adapter:
-        ffn = bottleneck_adapter(tape, ffn, "ffn_adapter", layer.serial_adapter, run)
-    out = residual(tape.dropout(ffn, shapes.hidden_dropout), middle, "ffn_residual")
-    return norm(out, "ffn_norm") if post_norm else out
+        adapted = bottleneck_adapter(tape, ffn, "ffn_adapter", layer.serial_adapter, run)
+        tape.free(ffn)
+        ffn = adapted
+    out = branch_out(ffn, middle, "ffn_residual")
+    if post_norm:
+        normed = norm(out, "ffn_norm")
+        tape.free(out)
+        out = normed
+    tape.free_all_but(out)
+    return out
 
 
 @dataclass(frozen=True)
 class ActivationReport:
-    """Saved-for-backward bytes of one step, by part of the network."""
+    """Saved-for-backward bytes of one step, by part of the network, and the transients beside them."""
 
     embeddings_bytes: float
     layer_bytes: tuple[float, ...]
@@ -298,9 +425,18 @@ class ActivationReport:
     layers_total_bytes: float
     """Σ layer_bytes, or with checkpointing Σ kept layer inputs + the largest layer (recomputed in backward)."""
     head_bytes: float
-    """Final norm / pooler, head, logits and loss."""
-    temporary_bytes: float
-    """Largest short-lived buffer (scores or their grads, the fp32 logits' grad): counted as overhead."""
+    """Final norm / pooler, head and loss (the fp32 log-probabilities of a language model)."""
+    forward_peak_bytes: float
+    """The most the forward holds: saved so far + the live tensors of its widest layer or of the loss."""
+    head_backward_bytes: float
+    """Gradient buffers of the loss at the top of backward (∂log-probs, ∂logits)."""
+    logits_grad_bytes: float
+    """∂logits in the compute dtype, alive while the LM head's matmul forms its gradients."""
+    layer_backward_bytes: tuple[float, ...]
+    """Per layer, its largest gradient buffers (FFN intermediate or attention scores); 0 where backward stops."""
+    layer_input_bytes: tuple[float, ...]
+    """Per layer, its input when backward passes through it (what checkpointing keeps)."""
+    gradient_checkpointing: bool = False
 
     @property
     def total_bytes(self) -> float:
@@ -310,27 +446,30 @@ class ActivationReport:
 def embeddings_forward(tape: Tape, shapes: ModelShapes, plan: MethodPlan, run: RunSettings, seq: int) -> Act:
     """Token (+ position, type) embeddings, with soft prompt tokens prepended: the input of layer 0."""
     b, h, a = run.batch_size, shapes.hidden, run.activation_bytes
-    # A trained LM head tied to the embeddings trains the input lookup too: gradients then flow through
-    # every (frozen) layer, so `head` on GPT-2 or SmolLM2 keeps nearly as much as prompt tuning.
-    embeddings_train = plan.embeddings or (run.generation and shapes.tied_embeddings and plan.head)
-    if embeddings_train:                                     # embedding backward keeps the int64 indices
+    if plan.embeddings:                                      # embedding backward keeps the int64 indices
         lookups = 2 if shapes.family == "bert" else 1       # word (+ token-type) ids; positions are tiny
         tape.keep(Act("input_ids", b * run.seq_len * lookups, 1, 8, False))
     if plan.prompt_encoder_hidden:                           # p-tuning MLP h→e→e→h on the n soft tokens
         e, rows = plan.prompt_encoder_hidden, b * plan.prompt_tokens
-        prompt = Act("prompt", rows, h, run.delta_bytes, True)
+        prompt = tape.new(Act("prompt", rows, h, run.delta_bytes, True))
         hidden = tape.activation(tape.linear(prompt, "prompt_mlp1", e, weight_trains=True), "relu")
         hidden = tape.activation(tape.linear(hidden, "prompt_mlp2", e, weight_trains=True), "relu")
         tape.linear(hidden, "prompt_mlp3", h, weight_trains=True)
-    x = Act("embeddings", b * seq, h, a, embeddings_train or plan.prompt_tokens > 0)
+    x = tape.new(Act("embeddings", b * seq, h, a, plan.embeddings or plan.prompt_tokens > 0))
     if shapes.family == "bert":
-        x = tape.layer_norm(x, "embeddings_norm", plan.embeddings or plan.outside_biases)
-    return tape.dropout(x, shapes.hidden_dropout)
+        normed = tape.layer_norm(x, "embeddings_norm", plan.embeddings or plan.outside_biases)
+        tape.free(x)
+        x = normed
+    out = tape.dropout(x, shapes.hidden_dropout)
+    tape.free_all_but(out)
+    return out
 
 
 def head_forward(tape: Tape, x: Act, shapes: ModelShapes, plan: MethodPlan, run: RunSettings) -> None:
-    """Top of the network: pooler or final norm, the task head, the logits and the loss."""
+    """Top of the network: pooler or final norm, the task head, the logits and the loss. The logits leave
+    with the model output, which the training loop drops once it has the loss."""
     b = run.batch_size
+    tape.new(x)
     if shapes.family == "bert":                              # pooler on token 0: a view keeps all of x alive
         pooled = tape.linear(x, "pooler", shapes.hidden, weight_trains=plan.top,
                              bias_trains=plan.top or plan.outside_biases, rows=b)
@@ -341,49 +480,114 @@ def head_forward(tape: Tape, x: Act, shapes: ModelShapes, plan: MethodPlan, run:
         x = tape.layer_norm(x, "final_norm", plan.top or plan.outside_biases)
     if run.generation:
         logits = tape.linear(x, "logits", shapes.vocab, weight_trains=plan.head)
-        tape.keep(logits)                                    # returned in the model output: alive until step end
-        tape.softmax(logits, "log_probs", itemsize=4)        # the loss upcasts to fp32, log_softmax keeps its output
-    else:
+        if logits.itemsize != 4:                             # the loss upcasts: logits.float()
+            logits = tape.new(logits.derived("logits_fp32", itemsize=4))
+        tape.softmax(logits, "log_probs", itemsize=4)        # log_softmax keeps its output
+    else:                                                    # decoders score every token, then pick the last
         logits = tape.linear(x, "logits", run.num_labels, weight_trains=plan.head)
-        tape.keep(logits)
         tape.softmax(logits.derived("pooled_logits", rows=b), "log_probs", itemsize=4)
+    tape.free_all_but()
 
 
-def largest_temporary_bytes(shapes: ModelShapes, plan: MethodPlan, run: RunSettings, seq: int) -> float:
-    """The biggest buffer alive only briefly: eager scores + probs (or their grads) of one layer, the fp32
-    logits and their grad, or the FFN intermediate and its grad."""
+def backward_buffers(shapes: ModelShapes, run: RunSettings, seq: int, key_len: float) -> float:
+    """The biggest gradient buffers of one layer's backward: eager (or CPU math-path) scores and probs
+    gradients, or the FFN intermediate's gradient and its activation's."""
     b, a = run.batch_size, run.activation_bytes
-    key_len = seq + max((layer.prefix_tokens for layer in plan.layers), default=0)
     scores = 0.0
     if run.attention == "eager" or (run.device == "cpu" and shapes.attention_dropout > 0):
         scores = b * shapes.heads * seq * key_len * (a + (4 if shapes.family == "llama" else a))
-    logits = b * seq * shapes.vocab * (4 + a) if run.generation and plan.backprop else 0.0
     ffn = 2 * b * seq * shapes.intermediate * a
-    return max(scores, logits, ffn)
+    return max(scores, ffn)
 
 
 def activation_report(shapes: ModelShapes, plan: MethodPlan, run: RunSettings) -> ActivationReport:
-    """Walk embeddings → layers → head, recording what each part saves for backward."""
+    """Walk embeddings → layers → head, recording what each part saves for backward and holds meanwhile."""
     if run.attention not in ATTENTION_IMPLEMENTATIONS:
         raise UserError(f"unknown attention {run.attention!r} (choose from {', '.join(ATTENTION_IMPLEMENTATIONS)})")
     if run.generation and not shapes.is_decoder:
         raise UserError(f"{shapes.name} is an encoder: it trains a classifier, not generation")
     seq = run.seq_len + plan.prompt_tokens
-    temporary = largest_temporary_bytes(shapes, plan, run, seq)
+    key_len = seq + max((layer.prefix_tokens for layer in plan.layers), default=0)
     if not plan.backprop:                                    # features: forward under no_grad only
-        return ActivationReport(0.0, (0.0,) * shapes.layers, 0.0, 0.0, temporary)
+        plan = replace(plan, embeddings=False, top=False, head=False, outside_biases=False)
     embeddings = Tape(run.device)
     x = embeddings_forward(embeddings, shapes, plan, run, seq)
-    layer_bytes, kept_inputs = [], 0.0
+    forward_peak = embeddings.peak
+    layer_bytes, layer_backward, layer_inputs = [], [], []
+    resident = embeddings.total                              # what the forward holds between layers
     for layer in plan.layers:
         tape = Tape(run.device)
         out = layer_forward(tape, x.derived("x"), shapes, layer, run)
+        forward_peak = max(forward_peak, resident + tape.peak)
         layer_bytes.append(tape.total)
-        kept_inputs += x.nbytes if out.grad else 0.0         # checkpointing keeps the input of layers in backward
+        layer_backward.append(backward_buffers(shapes, run, seq, key_len) if out.grad else 0.0)
+        layer_inputs.append(x.nbytes if out.grad else 0.0)   # checkpointing keeps the input of layers in backward
+        resident += layer_inputs[-1] if run.gradient_checkpointing else tape.total
         x = out
     layers_total = sum(layer_bytes)
     if run.gradient_checkpointing:
-        layers_total = min(layers_total, kept_inputs + max(layer_bytes, default=0.0))
+        layers_total = min(layers_total, sum(layer_inputs) + max(layer_bytes, default=0.0))
     head = Tape(run.device)
     head_forward(head, x.derived("last_hidden"), shapes, plan, run)
-    return ActivationReport(embeddings.total, tuple(layer_bytes), layers_total, head.total, temporary)
+    forward_peak = max(forward_peak, resident + head.peak)
+    tokens = run.batch_size * seq
+    if not plan.backprop:
+        head_backward = logits_grad = 0.0
+    elif run.generation:
+        head_backward = 2 * tokens * shapes.vocab * 4        # ∂log-probs (nll backward) and ∂logits (fp32)
+        logits_grad = tokens * shapes.vocab * run.activation_bytes
+    else:
+        head_backward = logits_grad = 2 * run.batch_size * run.num_labels * 4
+    return ActivationReport(embeddings.total, tuple(layer_bytes), layers_total, head.total, forward_peak,
+                            head_backward, logits_grad, tuple(layer_backward), tuple(layer_inputs),
+                            run.gradient_checkpointing)
+
+
+@dataclass(frozen=True)
+class StepPeak:
+    """The step's highest point above the weights and optimizer states, and what is alive there."""
+
+    phase: str
+    activations_bytes: float
+    """Saved activations alive at the peak."""
+    gradients_bytes: float
+    """Gradients formed by then."""
+    transient_bytes: float
+    """Short-lived tensors: a layer's live temporaries, loss or layer gradient buffers, optimizer temporaries."""
+
+    @property
+    def total_bytes(self) -> float:
+        return self.activations_bytes + self.gradients_bytes + self.transient_bytes
+
+
+def step_peak(report: ActivationReport, *, backprop: bool, top_gradient_bytes: float,
+              layer_gradient_bytes: tuple[float, ...], bottom_gradient_bytes: float,
+              embedding_backward_bytes: float, optimizer_temporary_bytes: float) -> StepPeak:
+    """The largest of the forward, backward and optimizer-step phases (module docstring).
+
+    top_gradient_bytes: gradients formed at the top of backward (head, final norm / pooler, a trained LM head
+    and, when tied, the embedding matrix); layer_gradient_bytes: each layer's; bottom_gradient_bytes: those
+    formed last (embeddings, soft prompts); embedding_backward_bytes: the dense V·h gradient an embedding
+    lookup's backward allocates before it is added to an existing (tied) gradient."""
+    saved_all = report.embeddings_bytes + report.layers_total_bytes + report.head_bytes
+    forward_saved = min(saved_all, report.forward_peak_bytes)
+    phases = [StepPeak("forward", forward_saved, 0.0, report.forward_peak_bytes - forward_saved)]
+    if not backprop:
+        return phases[0]
+    checkpointed = report.gradient_checkpointing
+    below = [report.layer_input_bytes[i] if checkpointed else report.layer_bytes[i]
+             for i in range(len(report.layer_bytes))]
+    resident = report.embeddings_bytes + sum(below)
+    phases.append(StepPeak("backward (loss)", resident + report.head_bytes, 0.0, report.head_backward_bytes))
+    phases.append(StepPeak("backward (loss)", resident, top_gradient_bytes, report.logits_grad_bytes))
+    gradients = top_gradient_bytes
+    for i in reversed(range(len(report.layer_bytes))):
+        resident -= below[i]
+        gradients += layer_gradient_bytes[i]
+        if report.layer_backward_bytes[i]:
+            phases.append(StepPeak("backward (layers)", resident + report.layer_bytes[i], gradients,
+                                   report.layer_backward_bytes[i]))
+    gradients += bottom_gradient_bytes
+    phases.append(StepPeak("backward (embeddings)", report.embeddings_bytes, gradients, embedding_backward_bytes))
+    phases.append(StepPeak("optimizer step", 0.0, gradients, optimizer_temporary_bytes))
+    return max(phases, key=lambda phase: phase.total_bytes)

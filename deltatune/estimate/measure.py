@@ -1,9 +1,14 @@
 """`deltatune estimate --measure`: a few real training steps per method on this machine, the measured peak
 set beside the `detailed` estimate.
 
-    child process per method:  import torch/transformers, warm up ──> RSS0 (the runtime, not the run)
+    child process per method:  import torch/transformers, warm up, load the tokenizer ──> RSS0 (the runtime)
                                reset the peak ──> load model, apply method, AdamW, `steps` steps
                                measured = peak RSS (VmHWM) − RSS0            estimate(device="cpu")
+
+The task is the estimate's: generation trains a decoder's LM loss (AutoModelForCausalLM), classification
+a classifier with `num_labels` outputs (transformers' sequence-classification head: BERT's pooled [CLS],
+a decoder's last token, as `deltatune compare` trains it; `features` pools into deltatune's own linear
+head, as `features.pooling_for` picks it).
 
 Each method runs in a fresh process, so what one leaves behind is not charged to the next. The
 estimate is asked for exactly what runs: the same batch, sequence, attention kernel, labels and the
@@ -134,14 +139,19 @@ def _train(spec: dict, batch_size: int, seq_len: int, steps: int) -> tuple[int, 
 
 
 def run_child(spec: dict) -> dict:
-    """A warm-up run (1 x 8 tokens) brings in everything loading and training import, then the measured
-    run from a clean baseline; returns the Measurement fields (runs in a fresh process)."""
+    """A warm-up run (1 x 8 tokens) brings in everything loading and training import (and the tokenizer),
+    then the measured run from a clean baseline; returns the Measurement fields (runs in a fresh process)."""
+    import functools
     import gc
 
     import torch
 
+    import deltatune.backbone as backbone
     from deltatune.memory import PeakMemory
 
+    # The tokenizer is host memory no estimate covers (a GPU never holds it; 9 MB for MiniLM, 22 MB for
+    # SmolLM2): the warm-up loads it before the baseline and the measured load reuses it.
+    backbone.load_tokenizer = functools.cache(backbone.load_tokenizer)
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     _train(spec, 1, 8, 1)
@@ -178,16 +188,21 @@ def measure_methods(model: str, methods: list[str], *, batch_size: int, seq_len:
                     num_labels: int = 2, threads: int = 1, generation: bool | None = None) -> list[Measurement]:
     """Measure each method and attach its detailed CPU estimate (MiB) for the same run."""
     from deltatune.backbone import resolve_model_path
+    from deltatune.estimate import plan_for_method
     from deltatune.estimate.cli import estimate_for_model
     from deltatune.estimate.shapes import load_shapes
 
     path = resolve_model_path(MODEL_FOR_SHAPES.get(model.lower(), model))
     shapes = load_shapes(path)
     generation = shapes.is_decoder if generation is None else generation
+    if generation and not shapes.is_decoder:
+        raise UserError(f"{shapes.name} is an encoder: it trains a classifier, not generation")
     attention = "sdpa"  # what transformers picks for BERT and Llama on torch >= 2.1
     unknown = [m for m in methods if m not in MEASURABLE]
     if unknown:
         raise UserError(f"--measure cannot run {unknown[0]!r} here (measurable: {', '.join(MEASURABLE)})")
+    for method in methods:  # refuse what cannot train (head, features on a generation task) before any run
+        plan_for_method(method, shapes, generation)
     rows = []
     for method in methods:
         print(f"measuring {method} ({steps} steps, batch {batch_size}, seq {seq_len})...", file=sys.stderr)
@@ -237,11 +252,14 @@ def add_memory_estimates(rows: list[dict], model: str | None, task, training, op
         device = "cuda" if str(row.get("device", "cpu")).startswith("cuda") else "cpu"
         attention = "sdpa" if training.attention == "sdpa" or (device == "cuda" and training.attention == "auto") \
             else "eager"
-        [estimate] = estimate_for_model(
-            shapes, [method], batch_size=training.batch_size, seq_len=seq_len, attention=attention, device=device,
-            dtype="bf16" if row.get("precision") == "bf16" else "fp32", generation=generation,
-            num_labels=len(task.label_names) if not generation else 2,
-            settings=delta_settings(method, shapes.hidden, options.get(method)))
+        try:
+            [estimate] = estimate_for_model(
+                shapes, [method], batch_size=training.batch_size, seq_len=seq_len, attention=attention,
+                device=device, dtype="bf16" if row.get("precision") == "bf16" else "fp32", generation=generation,
+                num_labels=len(task.label_names) if not generation else 2,
+                settings=delta_settings(method, shapes.hidden, options.get(method)))
+        except UserError:  # a method the estimator refuses for this task (head, features on generation)
+            continue
         row["estimated_memory_mb"] = estimate.total_gb * 1024
 
 
