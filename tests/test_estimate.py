@@ -4,12 +4,13 @@ tensors autograd really saves (tiny random models), JSON schema and user errors.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from deltatune.errors import UserError
-from deltatune.estimate import GIB, METHODS, DeltaSettings, count_trainable, plan_for_method
+from deltatune.estimate import CLASSIFIER_ONLY, GIB, METHODS, DeltaSettings, count_trainable, plan_for_method
 from deltatune.estimate.cli import estimate, estimate_for_model, hardware_table
 from deltatune.estimate.detailed import RunSettings, activation_report
 from deltatune.estimate.seed import seed_hidden_states_bytes, slide_hidden_states_elements
@@ -105,8 +106,31 @@ def test_minilm_trainable_counts(minilm_config, method, delta):
 def test_llama_trainable_counts():
     assert trainable("llama-2-7b", "lora") == 32 * 2 * 8 * (4096 + 4096)          # 4,194,304, no new head
     assert trainable("llama-2-70b", "lora") == 80 * 8 * ((8192 + 8192) + (8192 + 1024))   # GQA: v is 1024 wide
-    assert trainable("llama-2-7b", "head") == 32000 * 4096
     assert trainable("llama-2-7b", "prefix") == 20 * 2 * 32 * 4096
+    layer = KNOWN_MODELS["llama-2-7b"].layer_params()
+    assert trainable("llama-2-7b", "last2") == 2 * layer + 4096                   # + final norm, LM head frozen
+    assert trainable("llama-2-7b", "head", generation=False) == 4096 * 2          # `score`: no bias
+
+
+def test_decoder_heads_follow_deltatune():
+    """Generation keeps a pretrained LM head frozen (tied or not): head and last2 train no V·h matrix, and
+    neither do the tied embeddings; only full trains the LM head. As a classifier a decoder gets `score`."""
+    smol = KNOWN_MODELS["smollm2-135m"]
+    two_layers = 2 * smol.layer_params() + smol.hidden                            # + final RMSNorm
+    assert two_layers == 7_080_768                                                 # what deltatune trains
+    assert trainable("smollm2", "last2") == two_layers
+    assert trainable("smollm2", "last2", generation=False) == two_layers + 576 * 2
+    assert trainable("smollm2", "full") == smol.n_params                           # tied: V·h counted once
+    assert trainable("gpt2", "last2") == 2 * KNOWN_MODELS["gpt2"].layer_params() + 2 * 768
+    assert trainable("smollm2", "head", generation=False) == 576 * 2
+    assert trainable("smollm2", "features", generation=False) == 576 * 2 + 2      # deltatune's linear head
+    assert trainable("minilm", "last2") == 2 * KNOWN_MODELS["all-minilm-l6-v2"].layer_params() + 770  # no pooler
+    for method in CLASSIFIER_ONLY:
+        with pytest.raises(UserError, match="--task classification"):
+            estimate_for_model("smollm2", [method])
+    last2, lora = estimate_for_model("smollm2", ["last2", "lora"], batch_size=4, seq_len=128)
+    # last2 keeps only its two layers and the loss: below LoRA, whose gradients pass through every layer
+    assert last2.detailed_activations_gb < lora.detailed_activations_gb / 2
 
 
 # --- monotonicity --------------------------------------------------------------------------------------------
@@ -116,16 +140,23 @@ def test_llama_trainable_counts():
 def test_more_tokens_cost_more(model, dtype, activations):
     methods = [m for m in METHODS if not (m == "bitfit" and model == "llama-2-7b")]
     base = dict(dtype=dtype, activations=activations)
+    methods = [m for m in methods if not (m in CLASSIFIER_ONLY and model != "all-minilm-l6-v2")]  # generation
     small = estimate_for_model(model, methods, batch_size=2, seq_len=64, **base)
     longer = estimate_for_model(model, methods, batch_size=2, seq_len=128, **base)
     bigger = estimate_for_model(model, methods, batch_size=4, seq_len=64, **base)
     for short, long, large in zip(small, longer, bigger, strict=True):
-        assert long.total_gb > short.total_gb and large.total_gb > short.total_gb, short.method
+        # the peak may be the optimizer step, which no token changes; what backward needs always grows
+        assert long.total_gb >= short.total_gb and large.total_gb >= short.total_gb, short.method
+        if short.method not in CLASSIFIER_ONLY:                  # head keeps only the classifier's input
+            assert long.detailed_activations_gb > short.detailed_activations_gb, short.method
+        if activations == "seed" or short.peak_phase != "optimizer step":
+            assert long.total_gb > short.total_gb and large.total_gb > short.total_gb, short.method
 
 
 @pytest.mark.parametrize("model, dtype", [("all-minilm-l6-v2", "fp32"), ("llama-2-7b", "bf16")])
 def test_every_peft_method_is_below_full(model, dtype):
-    methods = ["full"] + [m for m in PEFT_METHODS if not (m == "bitfit" and model == "llama-2-7b")]
+    methods = ["full"] + [m for m in PEFT_METHODS if not (m == "bitfit" and model == "llama-2-7b")
+                          and not (m in CLASSIFIER_ONLY and model == "llama-2-7b")]
     full, *others = estimate_for_model(model, methods, batch_size=4, seq_len=256, dtype=dtype)
     for other in others:
         assert other.total_gb < full.total_gb, other.method
@@ -136,7 +167,9 @@ def test_checkpointing_lowers_activations():
     for method in ("full", "lora", "prompt"):
         plain, checkpointed = (estimate_for_model("llama-2-7b", [method], batch_size=2, seq_len=1024, dtype="bf16",
                                                   gradient_checkpointing=flag)[0] for flag in (False, True))
-        assert checkpointed.activations_gb < plain.activations_gb / 4, method
+        assert checkpointed.detailed_activations_gb < plain.detailed_activations_gb / 4, method
+        assert checkpointed.total_gb <= plain.total_gb, method          # full: peaks at the optimizer step
+        assert checkpointed.total_gb < plain.total_gb or checkpointed.peak_phase == "optimizer step", method
 
 
 def test_four_bit_below_sixteen_bit():
@@ -176,7 +209,7 @@ def test_bert_layer_matches_korthikanti_formula():
 # --- the detailed model against what autograd really saves ---------------------------------------------------
 
 def measured_saved_bytes(model, batch) -> float:
-    """Unique storages saved for backward (parameters excluded) + the logits kept in the output."""
+    """Unique storages saved for backward (parameters excluded); the logits leave with the dropped output."""
     import torch
 
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -189,20 +222,32 @@ def measured_saved_bytes(model, batch) -> float:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        logits = model(**batch).logits
-    saved.setdefault(logits.untyped_storage().data_ptr(), logits.untyped_storage().nbytes())
+        model(**batch).loss
     return float(sum(saved.values()))
 
 
-@pytest.mark.parametrize("family", ["bert", "llama", "gpt2"])
+def deltatune_trains(method: str, name: str, generation: bool) -> bool:
+    """What deltatune's methods train, by parameter name: a pretrained LM head (and the tied embeddings) stays
+    frozen outside `full`; last2 adds the final norm, not BERT's pooler."""
+    classifier = any(part in name for part in ("classifier", "score"))
+    in_last2 = any(f"{layer}.{i}." in name for layer in ("layer", "layers", "h") for i in (1, 2))
+    final_norm = any(part in name for part in ("model.norm", "ln_f"))
+    return {"full": True, "head": classifier, "last2": in_last2 or final_norm or classifier,
+            "bitfit": "bias" in name or classifier}[method]
+
+
+@pytest.mark.parametrize("family, generation", [("bert", False), ("llama", True), ("gpt2", True),
+                                                ("llama", False), ("gpt2", False)])
 @pytest.mark.parametrize("method", ["full", "last2", "bitfit", "head"])
-def test_detailed_model_matches_saved_tensors(family, method):
+def test_detailed_model_matches_saved_tensors(family, generation, method):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     if family == "llama" and method == "bitfit":
         pytest.skip("Llama has no biases")
+    if generation and method == "head":
+        pytest.skip("head trains nothing on a generation task (refused)")
     torch.manual_seed(0)
-    tiny = dict(vocab_size=99, attn_implementation="eager")
+    tiny = dict(vocab_size=99, attn_implementation="eager", pad_token_id=0)
     if family == "bert":
         config = transformers.BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                                          intermediate_size=64, **tiny)
@@ -210,27 +255,55 @@ def test_detailed_model_matches_saved_tensors(family, method):
     elif family == "llama":
         config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                                           num_key_value_heads=2, intermediate_size=48, **tiny)
-        model = transformers.LlamaForCausalLM(config)
+        model = (transformers.LlamaForCausalLM if generation else transformers.LlamaForSequenceClassification)(config)
     else:
         config = transformers.GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=64, **tiny)
-        model = transformers.GPT2LMHeadModel(config)
+        model = (transformers.GPT2LMHeadModel if generation else transformers.GPT2ForSequenceClassification)(config)
     shapes = shapes_from_config(config.to_dict(), family)
-    generation = family != "bert"
     plan = plan_for_method(method, shapes, generation)
     for name, parameter in model.named_parameters():
-        in_last2 = any(f"{layer}.{i}." in name for layer in ("layer", "layers", "h") for i in (1, 2))
-        head = any(part in name for part in ("classifier", "lm_head", "wte"))
-        top = any(part in name for part in ("pooler", "model.norm", "ln_f"))
-        parameter.requires_grad_({"full": True, "head": head, "last2": in_last2 or head or top,
-                                  "bitfit": "bias" in name or "classifier" in name}[method])
+        parameter.requires_grad_(deltatune_trains(method, name, generation))
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == \
         count_trainable(shapes, plan, generation, 2).total
     model.train()
-    input_ids = torch.randint(0, 99, (2, 16))
+    input_ids = torch.randint(1, 99, (2, 16))
     labels = input_ids if generation else torch.tensor([0, 1])
     measured = measured_saved_bytes(model, dict(input_ids=input_ids, labels=labels))
     run = RunSettings(2, 16, 4, device="cpu", generation=generation)
     assert activation_report(shapes, plan, run).total_bytes == pytest.approx(measured, rel=0.04, abs=64)
+
+
+def test_forward_working_set_of_a_frozen_layer():
+    """Nothing saved (head): the forward still holds, in its widest layer, the input, q, k, v and three
+    b·heads·s² tensors (probabilities, dropout noise, dropped copy: CPU's math path with dropout), or the
+    input and the FFN intermediate before and after GELU. Layer by layer, on MiniLM's shapes."""
+    shapes = KNOWN_MODELS["all-minilm-l6-v2"]
+    b, s, h, i = 8, 128, shapes.hidden, shapes.intermediate
+    run = RunSettings(b, s, 4, attention="sdpa", device="cpu", generation=False)
+    report = activation_report(shapes, plan_for_method("head", shapes, False), run)
+    attention = 4 * (b * s * h * 4 + 3 * b * shapes.heads * s * s)
+    ffn = 4 * b * s * (2 * h + 2 * i)            # input, attention output (residual), up, GELU(up)
+    assert report.forward_peak_bytes == max(attention, ffn) == attention
+    cuda = activation_report(shapes, plan_for_method("head", shapes, False), replace(run, device="cuda"))
+    assert cuda.forward_peak_bytes < report.forward_peak_bytes   # flash kernel: nothing seq²
+
+
+def test_step_peak_phases():
+    """Gradients form during backward and the optimizer step allocates temporaries: the detailed total is
+    the largest phase, not the sum of every part."""
+    small, = estimate_for_model("smollm2", ["full"], batch_size=4, seq_len=64, attention="sdpa", device="cpu")
+    long, = estimate_for_model("smollm2", ["full"], batch_size=4, seq_len=128, attention="sdpa", device="cpu")
+    shapes = KNOWN_MODELS["smollm2-135m"]
+    weights = shapes.n_params * 4
+    embedding = shapes.vocab * shapes.hidden * 4
+    assert small.peak_phase == "optimizer step"                 # w + grads + m, v + sqrt(v) and its quotient
+    assert small.total_gb * GIB == pytest.approx(4 * weights + 2 * embedding)
+    assert long.peak_phase == "backward (loss)" and long.gradients_gb == 0   # zero_grad(set_to_none=True)
+    tokens_vocab = 4 * 128 * shapes.vocab * 4
+    assert long.overhead_gb * GIB == pytest.approx(2 * tokens_vocab)        # ∂log-probs, ∂logits
+    assert long.activations_gb == pytest.approx(long.detailed_activations_gb)
+    assert long.total_gb == pytest.approx(long.weights_gb + long.optimizer_gb + long.activations_gb
+                                          + long.overhead_gb)
 
 
 # --- hardware table, CLI, JSON, errors -----------------------------------------------------------------------
@@ -285,7 +358,8 @@ def test_cli_method_is_repeatable_and_comma_separated(capsys):
 def test_cli_table_and_hardware_table(capsys):
     assert estimate(model="llama-2-7b", method="all", dtype="bf16", seq_len=4096, batch_size=1) == 0
     table = capsys.readouterr().out
-    assert "qlora" in table and "bitfit" not in table and "act.detail*" in table
+    rows = [line.split()[0] for line in table.splitlines()[2:-1]]
+    assert "qlora" in rows and "bitfit" not in rows and "head" not in rows and "peak at" in table
     assert estimate(hardware_table=True) == 0
     assert "QLoRA" in capsys.readouterr().out
 

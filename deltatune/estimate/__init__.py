@@ -162,8 +162,8 @@ def plan_for_method(method: str, shapes: ModelShapes, generation: bool,
     if method not in METHODS:
         raise UserError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
     if generation and method in CLASSIFIER_ONLY:
-        raise UserError(f"{method} trains a classifier: on a generation task the LM head stays frozen and nothing "
-                        f"would train (estimate {shapes.name} as a classifier: --task classification)")
+        raise UserError(f"{method} trains only a classifier: on a generation task the LM head stays frozen and "
+                        "nothing would train (use --task classification)")
     n_layers, tokens = shapes.layers, settings.num_virtual_tokens
     if tokens < 1 and method in ("prompt", "prefix", "ptuning", "mam"):
         raise UserError(f"{method} needs num_virtual_tokens >= 1, got {tokens}")
