@@ -96,8 +96,8 @@ def parameters_in_memory(shapes: ModelShapes, generation: bool, num_labels: int,
 
 def weight_bytes(shapes: ModelShapes, plan: MethodPlan, precision: Precision, generation: bool,
                  num_labels: int) -> float:
-    """k-bit frozen matrices · (bits + constants)/8 + other frozen · frozen_bytes + trained + deltas
-    (+ the autocast fp16 copy of trained weights under AMP)."""
+    """k-bit frozen matrices · (bits + constants)/8 + other frozen · frozen_bytes + trained + deltas (the
+    autocast fp16 copy of trained weights under AMP lives from forward to backward: `detailed_peak`)."""
     trainable = count_trainable(shapes, plan, generation, num_labels)
     bits = precision.quantized_bits
     quantized = quantized_matrix_params(shapes, plan) if bits else 0
@@ -106,7 +106,7 @@ def weight_bytes(shapes: ModelShapes, plan: MethodPlan, precision: Precision, ge
     total = quantized * (bits + QUANT_CONSTANT_BITS[bits]) / 8 if bits else 0.0
     total += frozen * precision.frozen_bytes + trainable.backbone * precision.trained_bytes
     total += trainable.delta * precision.delta_bytes
-    return total + (2 * trainable.total if precision.amp_copy else 0.0)
+    return total
 
 
 def gradient_bytes(trainable: TrainableParams, precision: Precision) -> float:
@@ -128,7 +128,8 @@ def optimizer_temporary_bytes(optimizer: str, device: str, trainable: TrainableP
 def detailed_peak(shapes: ModelShapes, plan: MethodPlan, report: ActivationReport, precision: Precision,
                   optimizer: str, device: str, generation: bool, num_labels: int) -> StepPeak:
     """The step's peak above weights and optimizer states: when each gradient forms (the head's first,
-    each layer's as backward passes it, the embeddings' and soft prompts' last) and what is alive then."""
+    each layer's as backward passes it, the embeddings' and soft prompts' last) and what is alive then
+    (under AMP the fp16 copies autocast makes of trained weights, saved by their matmuls for backward)."""
     trainable = count_trainable(shapes, plan, generation, num_labels)
     layers = tuple(gradient_bytes(layer_delta_params(shapes, layer), precision) for layer in plan.layers)
     embeddings = shapes.embedding_params() if plan.embeddings else 0
@@ -141,6 +142,7 @@ def detailed_peak(shapes: ModelShapes, plan: MethodPlan, report: ActivationRepor
     largest = largest_trainable_tensors(shapes, plan, generation, num_labels)
     return step_peak(report, backprop=plan.backprop, top_gradient_bytes=top, layer_gradient_bytes=layers,
                      bottom_gradient_bytes=bottom, embedding_backward_bytes=tied_lookup,
+                     autocast_copy_bytes=2 * trainable.total if precision.amp_copy else 0.0,
                      optimizer_temporary_bytes=optimizer_temporary_bytes(optimizer, device, trainable, largest,
                                                                          precision))
 

@@ -276,7 +276,7 @@ def format_measurements(rows: list[Measurement], header: str) -> str:
     done = [r for r in rows if not r.error]
     within = sum(abs(r.relative_error) <= TOLERANCE for r in done)
     lines.append(f"{within}/{len(done)} methods within 15%. measured = peak RSS (VmHWM) from the model load to the "
-                 "last step, minus the process's RSS before loading; MB = MiB.")
+                 "last step, minus the process's RSS before loading (runtime and tokenizer); MB = MiB.")
     return "\n".join(lines)
 
 
