@@ -94,11 +94,11 @@ def train_peer(method: str, task, epochs: int, batch_size: int, seed: int, max_l
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         clock += time.perf_counter() - start
-        val = accuracy(model, val, pad_id)
-        history.append({"epoch": epoch, "accuracy": val, "train_seconds": clock})
-        print(f"peer {method} epoch {epoch}: validation {val:.4f}, {clock:.0f} s", file=sys.stderr, flush=True)
-        if val > best[0]:
-            best = (val, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        score = accuracy(model, val, pad_id)
+        history.append({"epoch": epoch, "accuracy": score, "train_seconds": clock})
+        print(f"peer {method} epoch {epoch}: validation {score:.4f}, {clock:.0f} s", file=sys.stderr, flush=True)
+        if score > best[0]:
+            best = (score, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
     with torch.no_grad():
         named = dict(model.named_parameters())
         for name, value in best[1].items():
