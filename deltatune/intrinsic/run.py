@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from deltatune.backbone import resolve_pooling
 from deltatune.cliargs import to_argv
 from deltatune.commands import TaskArgs
 from deltatune.config import TrainConfig
@@ -128,7 +129,7 @@ def step_costs(model: str | None, dims: list[int], options: list[str], training:
 
 
 def intrinsic(*, dims: str = "10,30,100,300,1000,3000", out: str = "runs/intrinsic", data: TaskArgs,
-              training: TrainConfig, model: str | None = None, pooling: str = "hf", said: bool = False,
+              training: TrainConfig, model: str | None = None, pooling: str = "auto", said: bool = False,
               projection: str = "auto", exclude: str | None = None, full_accuracy: float | None = None,
               with_head: bool = True, cost_steps: int = 3, threads: int | None = None) -> int:
     """Train in random subspaces of each dimension d; find d90, the smallest d reaching 90% of full fine-tuning.
@@ -137,7 +138,8 @@ def intrinsic(*, dims: str = "10,30,100,300,1000,3000", out: str = "runs/intrins
         dims: Comma-separated subspace dimensions d.
         out: Output directory for intrinsic.json, intrinsic.md, accuracy_vs_d.png and the deltas.
         model: Hugging Face model folder or alias (default: the packaged all-MiniLM-L6-v2).
-        pooling: hf (transformers' own head), mean, cls or last.
+        pooling: auto (the model's sentence-transformers pooling if it declares one, else hf), hf
+            (transformers' own head), mean, cls or last.
         said: Structure-aware intrinsic dimension (one trainable scale per weight tensor).
         projection: dense, fastfood or auto.
         exclude: Comma-separated parameter-name suffixes kept out of the subspace (frozen).
@@ -149,6 +151,7 @@ def intrinsic(*, dims: str = "10,30,100,300,1000,3000", out: str = "runs/intrins
     values = parse_dims(dims)
     data.default_to(DEFAULT_TASK, DEFAULT_SIZES)
     task = data.load(training.seed)
+    pooling = resolve_pooling(model, pooling)  # MiniLM: mean (its BERT pooler was never trained)
     print(f"intrinsic: {task.summary()}; d in {values}", file=sys.stderr)
     out_dir = Path(out)
     options = [f"said={said}", f"projection={projection}"] + ([f"exclude={exclude}"] if exclude else [])
