@@ -222,7 +222,7 @@ def measured_saved_bytes(model, batch) -> float:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(**batch).loss
+        model(**batch)  # the output (and its logits) is dropped, as the training loop does
     return float(sum(saved.values()))
 
 
@@ -362,6 +362,25 @@ def test_cli_table_and_hardware_table(capsys):
     assert "qlora" in rows and "bitfit" not in rows and "head" not in rows and "peak at" in table
     assert estimate(hardware_table=True) == 0
     assert "QLoRA" in capsys.readouterr().out
+
+
+def test_cli_task_flag(capsys):
+    """--task: generation by default for a decoder (head and features left out of `all`, with a note, and
+    refused when named), classification on request; an encoder cannot be estimated for generation."""
+    generation = cli_methods(capsys, "--model", "smollm2", "--method", "all")
+    assert "head" not in generation and "features" not in generation and "last2" in generation
+    classification = cli_methods(capsys, "--model", "smollm2", "--method", "all", "--task", "classification")
+    assert "head" in classification and "features" in classification
+    assert estimate(model="smollm2", method=["last2"], task="classification", json_=True) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["trainable_params"] == 7_080_768 + 576 * 2
+    for method in CLASSIFIER_ONLY:   # refused before any measuring child starts
+        with pytest.raises(UserError, match="--task classification"):
+            estimate(model="smollm2", method=[method], measure=True)
+    with pytest.raises(UserError, match="encoder"):
+        estimate(model="minilm", task="generation")
+    with pytest.raises(UserError, match="unknown task"):
+        estimate(model="minilm", task="regression")
 
 
 @pytest.mark.parametrize("kwargs, message", [

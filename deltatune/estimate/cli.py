@@ -19,11 +19,11 @@ from dataclasses import asdict, dataclass
 
 from deltatune.errors import UserError
 from deltatune.estimate import (
+    CLASSIFIER_ONLY,
     GIB,
     METHODS,
     OPTIMIZERS,
     QUANT_CONSTANT_BITS,
-    CLASSIFIER_ONLY,
     DeltaSettings,
     MethodPlan,
     Precision,
@@ -343,6 +343,8 @@ def estimate(*, model: str = "all-minilm-l6-v2", method: list[str] | None = None
     shapes = load_shapes(model)
     generation = task_is_generation(task, shapes)
     methods = parse_methods(method, shapes, dtype, generation)
+    for name in methods:  # refuse what cannot train on this task (head, features on generation) before any run
+        plan_for_method(name, shapes, generation)
     skipped = [m for m in CLASSIFIER_ONLY if generation and m not in methods and method_names(method) == ["all"]]
     if skipped:
         print(f"note: {' and '.join(skipped)} train only a classifier: not on a generation task "
