@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from deltatune.backbone import TaskModel, load_task_model, pick_device
+from deltatune.backbone import TaskModel, load_task_model, pick_device, resolve_pooling
 from deltatune.batching import Encoded, collate, encode, train_batches
 from deltatune.commands import TaskArgs
 from deltatune.config import TrainConfig
@@ -251,8 +251,9 @@ def search(*, budget: str = "0.5%", trials: int = 8, eta: int = 2, out: str = "r
     if task.kind != "classification":
         raise UserError("search scores designs by validation accuracy: it needs a classification task")
     print(f"search: {task.summary()}; budget {100 * value:.3g}%, {trials} trials, eta {eta}", file=sys.stderr)
+    pooling = resolve_pooling(model, "auto")  # as compare: MiniLM's own mean pooling (its BERT pooler is untrained)
     pristine = load_task_model(model, num_labels=len(task.label_names), device=pick_device(config.device),
-                               seed=config.seed)
+                               seed=config.seed, pooling=pooling)
     pristine.label_names = list(task.label_names)
     rows = {split: encode(pristine.tokenizer, getattr(task, split), config.max_length, split)
             for split in ("train", "validation", "test")}
