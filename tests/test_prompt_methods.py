@@ -107,29 +107,13 @@ def test_the_prefix_alone_learns(tiny_dir):
     assert last < 0.9 * first
 
 
-def method_grads(tm, batch, checkpointing):
-    module = tm.module
-    if checkpointing:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    module.train()
-    module.zero_grad()
-    torch.manual_seed(1)  # the same dropout masks in both runs
-    module(**batch).loss.backward()
-    grads = {n: p.grad.clone() for n, p in module.named_parameters() if n.startswith("prompt_encoder.")}
-    if checkpointing:
-        module.gradient_checkpointing_disable()
-    return grads
-
-
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", METHODS)
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_dir, name, kind):
     tm, _, _ = prepared(tiny_dir, name, kind)
     tiny.perturb(tm.module.prompt_encoder)
     batch = {**inputs(tm), "labels": torch.tensor([0, 1, 1])}
-    plain, checkpointed = method_grads(tm, batch, False), method_grads(tm, batch, True)
+    plain, checkpointed = tiny.prompt_encoder_grads(tm, batch, False), tiny.prompt_encoder_grads(tm, batch, True)
     assert plain and plain.keys() == checkpointed.keys()
     for key in plain:
         assert plain[key].abs().sum() > 0

@@ -4,7 +4,6 @@ Classification (pooling=hf: T5ForSequenceClassification, whose decoder reads inp
 and generation (pooling=lm: T5ForConditionalGeneration, whose `generate` runs the encoder itself)."""
 
 import json
-import warnings
 
 import pytest
 import tiny
@@ -208,21 +207,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_dir, name):
     tiny.perturb(tm.module.prompt_encoder)
     inputs = batch(tm, "lm")
 
-    def grads(checkpointing):
-        module = tm.module
-        if checkpointing:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        module.train()
-        module.zero_grad()
-        torch.manual_seed(1)  # the same dropout masks in both runs
-        module(**inputs).loss.backward()
-        if checkpointing:
-            module.gradient_checkpointing_disable()
-        return {n: p.grad.clone() for n, p in module.named_parameters() if n.startswith("prompt_encoder.")}
-
-    plain, checkpointed = grads(False), grads(True)
+    plain, checkpointed = tiny.prompt_encoder_grads(tm, inputs, False), tiny.prompt_encoder_grads(tm, inputs, True)
     assert plain and plain.keys() == checkpointed.keys()
     for key in plain:
         assert plain[key].abs().sum() > 0 and torch.allclose(plain[key], checkpointed[key], atol=1e-6), key

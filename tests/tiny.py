@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import random
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,6 +46,23 @@ def perturb(module: torch.nn.Module, scale: float = 0.3) -> None:
         for p in module.parameters():
             if p.requires_grad:
                 p.add_(scale * torch.randn_like(p))
+
+
+def prompt_encoder_grads(tm, batch: dict, checkpointing: bool) -> dict:
+    """Gradients of the prompt encoder after one backward, with or without non-reentrant checkpointing."""
+    module = tm.module
+    if checkpointing:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    module.train()
+    module.zero_grad()
+    torch.manual_seed(1)  # the same dropout masks in both runs
+    module(**batch).loss.backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if n.startswith("prompt_encoder.")}
+    if checkpointing:
+        module.gradient_checkpointing_disable()
+    return grads
 
 
 def _tokenizer(kind: str):
