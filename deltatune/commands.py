@@ -11,7 +11,12 @@ from pathlib import Path
 from deltatune.config import TrainConfig
 from deltatune.data import TaskData, load_task
 from deltatune.errors import UserError
+from deltatune.io import claim_output
 from deltatune.notune.templates import PromptArgs
+
+
+DEFAULT_TASK = "rotten-tomatoes"
+"""`train`'s task when neither --task nor --data is given (compare's too)."""
 
 
 @dataclass
@@ -64,11 +69,12 @@ def train(*, method: str = "lora", out: str, data: TaskArgs, training: TrainConf
           model: str | None = None,
           pooling: str = "hf", unfreeze_last: int | None = None, set_: list[str] | None = None,
           threads: int | None = None, json_: bool = False) -> int:
-    """Train one method on a task and write its delta directory.
+    """Train one method on a task (default: rotten-tomatoes, as compare) and write its delta directory.
 
     Args:
         method: Adaptation method (features, head, last2, full, lora, bitfit, ...).
-        out: Output delta directory (replaced atomically).
+        out: Output delta folder: a new path, an empty folder, or a delta deltatune wrote (replaced
+            atomically); a file or any other folder is refused before training.
         model: Hugging Face model folder or alias (default: the packaged all-MiniLM-L6-v2).
         pooling: hf (transformers' own head, the default: peft-exportable), mean, cls, last, or auto (the model's
             sentence-transformers pooling if it declares one, else hf).
@@ -81,12 +87,13 @@ def train(*, method: str = "lora", out: str, data: TaskArgs, training: TrainConf
     from deltatune.notune.templates import prompt_options
     from deltatune.workflow import TrainJob, run_train_job, set_threads
 
+    claim_output(out, "delta")
     set_threads(threads)
     prompt_opts, prompt = prompt_options(resolve_method(method)[0], prompt)  # icl/knn options; --objective
     options = {**prompt_opts, **parse_options(set_)}
     if unfreeze_last is not None:
         options["unfreeze_last"] = unfreeze_last
-    task = data.load(training.seed)  # generation tasks (chatterbot) train an LM on the answer tokens
+    task = data.load(training.seed, default_task=DEFAULT_TASK)  # generation tasks (chatterbot) train an LM on the answer tokens
     print(task.summary(), file=sys.stderr)
     metrics = run_train_job(TrainJob(method=method, task=task, model=model, pooling=pooling,
                                      options=options, train=training, prompt=prompt), out)
@@ -129,7 +136,8 @@ def evaluate(delta: str, *, data: TaskArgs, split: str = "test", model: str | No
     """
     from deltatune.backbone import pick_device
     from deltatune.batching import encode
-    from deltatune.delta import load_delta, read_meta
+    from deltatune.delta import read_meta
+    from deltatune.loading import load_delta
     from deltatune.evaluate import evaluate as run_eval
     from deltatune.notune.job import load_strategy, strategy_metrics
 
@@ -179,7 +187,8 @@ def predict(delta: str, texts: list[str] = (), *, file: str | None = None, model
         json_: Print a JSON list of {text, label, probabilities}.
     """
     from deltatune.backbone import pick_device
-    from deltatune.delta import load_delta, read_meta
+    from deltatune.delta import read_meta
+    from deltatune.loading import load_delta
     from deltatune.notune.job import load_strategy, predict_with_strategy
     from deltatune.predict import predict_texts
 
@@ -216,11 +225,13 @@ def export(delta: str, out: str, *, format: str = "peft") -> int:  # noqa: A002 
 
     Args:
         delta: Delta directory written by `deltatune train`.
-        out: Output directory (replaced atomically).
+        out: Output folder: a new path, an empty folder, or a peft export deltatune wrote (replaced
+            atomically); a file or any other folder is refused.
         format: Target format: peft.
     """
     from deltatune.peft_format import export_peft
 
+    claim_output(out, "peft")
     if format != "peft":
         raise UserError(f"unknown export format '{format}': supported: peft")
     export_peft(delta, out)

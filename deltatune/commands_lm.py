@@ -26,7 +26,8 @@ def generate(delta: str, prompts: list[str] = (), *, max_new_tokens: int = 64, s
         json_: Print a JSON list of {prompt, reply}.
     """
     from deltatune.backbone import pick_device
-    from deltatune.delta import load_delta, read_meta
+    from deltatune.delta import read_meta
+    from deltatune.loading import load_delta
     from deltatune.generation import generate_texts
 
     meta = read_meta(delta)
@@ -70,7 +71,7 @@ def evaluate_generation(delta: str, meta: dict, task, split: str, model: str | N
     """`deltatune eval` of a generation delta: loss per answer token and perplexity on a split."""
     from deltatune.backbone import pick_device
     from deltatune.commands import print_eval
-    from deltatune.delta import load_delta
+    from deltatune.loading import load_delta
     from deltatune.generation import encode_lm, evaluate_lm, is_seq2seq
 
     if task.kind != "generation":

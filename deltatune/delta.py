@@ -16,18 +16,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from deltatune.backbone import TaskModel, load_task_model, resolve_model_path
+from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
 from deltatune.io import atomic_directory, write_json_atomic
-from deltatune.methods import resolve_method
-from deltatune.methods.base import config_dict, trainable_state
+from deltatune.methods.base import Method, config_dict
 
 FORMAT = "deltatune.delta"
 VERSION = 1
@@ -37,21 +35,15 @@ TENSORS, META = "delta.safetensors", "delta.json"
 @dataclass
 class LoadedDelta:
     task_model: TaskModel
-    method: ModuleType
+    method: Method
     config: Any
     meta: dict
 
 
-def delta_tensors(task_model: TaskModel, method: ModuleType, config: Any) -> dict[str, torch.Tensor]:
-    if hasattr(method, "delta_state"):
-        return method.delta_state(task_model, config)
-    return trainable_state(task_model.module)
-
-
-def save_delta(out: str | Path, task_model: TaskModel, method: ModuleType, config: Any,
+def save_delta(out: str | Path, task_model: TaskModel, method: Method, config: Any,
                meta: dict[str, Any]) -> Path:
     """Write DELTA/delta.safetensors + delta.json atomically; returns the directory."""
-    tensors = delta_tensors(task_model, method, config)
+    tensors = method.delta_state(task_model, config)
     full_meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -68,7 +60,7 @@ def save_delta(out: str | Path, task_model: TaskModel, method: ModuleType, confi
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **meta,
     }
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, "delta") as tmp:
         save_file(tensors, str(tmp / TENSORS), metadata={"format": FORMAT})
         write_json_atomic(tmp / META, full_meta)
     return Path(out)
@@ -100,10 +92,11 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise UserError(f"corrupt {file}: {str(exc).splitlines()[0]}") from exc
 
 
-def apply_delta(task_model: TaskModel, meta: dict, tensors: dict[str, torch.Tensor],
-                before_load: Callable[[TaskModel, dict[str, torch.Tensor]], None] | None = None,
-                ) -> tuple[ModuleType, Any]:
-    """Check the fingerprint, apply the method, load its tensors (names and shapes must match).
+def apply_delta(task_model: TaskModel, meta: dict, tensors: dict[str, torch.Tensor], method: Method,
+                config: Any, before_load: Callable[[TaskModel, dict[str, torch.Tensor]], None] | None = None,
+                ) -> None:
+    """Check the fingerprint, apply the method it was given, load its tensors (the method checks names
+    and shapes). The on-disk format knows no registry: the caller resolves `meta["method"]`.
 
     `before_load(task_model, tensors)` runs between `apply` and loading (serve gives backbone weights
     that a delta overwrites private copies there, so a shared backbone is never written to)."""
@@ -111,48 +104,10 @@ def apply_delta(task_model: TaskModel, meta: dict, tensors: dict[str, torch.Tens
         raise UserError(
             f"delta was trained on a different backbone ({meta['backbone']['path']}, fingerprint "
             f"{meta['backbone']['fingerprint']}) than {task_model.model_path} (fingerprint {task_model.fingerprint})")
-    method, config = resolve_method(meta["method"], meta.get("method_config", {}))
     method.apply(task_model, config)
     if before_load is not None:
         before_load(task_model, tensors)
-    if hasattr(method, "load_delta_state"):
-        method.load_delta_state(task_model, config, tensors)
-        return method, config
-    own = task_model.module.state_dict()
-    for name, tensor in tensors.items():
-        if name not in own:
-            raise UserError(f"delta tensor '{name}' does not exist in the {meta['method']} model")
-        if tuple(own[name].shape) != tuple(tensor.shape):
-            raise UserError(f"delta tensor '{name}' has shape {tuple(tensor.shape)}, "
-                            f"the model expects {tuple(own[name].shape)}")
-    expected = set(trainable_state(task_model.module))
-    missing = expected - set(tensors)
-    if missing:
-        raise UserError(f"delta is missing {len(missing)} tensors, e.g. '{sorted(missing)[0]}'")
-    task_model.module.load_state_dict(tensors, strict=False)
-    return method, config
-
-
-def load_delta(path: str | Path, model: str | None = None, device: str | torch.device = "cpu") -> LoadedDelta:
-    """Load the backbone the delta was trained on (or `model`), verify it, and apply the delta."""
-    meta = read_meta(path)
-    tensors = read_tensors(path)
-    method, _ = resolve_method(meta["method"], meta.get("method_config", {}))
-    model_path = model or meta["backbone"]["path"]
-    try:
-        model_path = resolve_model_path(model_path)
-    except UserError as exc:
-        raise UserError(f"{exc} (the delta's backbone; pass --model PATH)") from exc
-    task_model = load_task_model(model_path, num_labels=meta["num_labels"],
-                                 pooling=meta["backbone"]["pooling"], device=device)
-    if meta.get("prompt", {}).get("objective") == "verbalizer":  # PET / LM-BFF: LM head at the label words
-        from deltatune.notune.label_head import attach_label_head
-
-        attach_label_head(task_model, meta["prompt"])
-    method, config = apply_delta(task_model, meta, tensors)
-    task_model.module.to(device)
-    task_model.module.eval()
-    return LoadedDelta(task_model=task_model, method=method, config=config, meta=meta)
+    method.load_delta_state(task_model, config, tensors)
 
 
 def delta_size_bytes(path: str | Path) -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import ModuleType
 
 import torch
 from safetensors import SafetensorError
@@ -31,12 +30,14 @@ from deltatune.delta import apply_delta, read_meta, read_tensors, save_delta
 from deltatune.errors import UserError
 from deltatune.io import atomic_directory, write_json_atomic
 from deltatune.methods import REGISTRY, resolve_method
-from deltatune.methods.base import build_config, config_dict
+from deltatune.methods.base import Method, build_config, config_dict
 
 PREFIX = "base_model.model."
 PROMPT_LEARNING = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")
 """peft names these methods' own tensor `prompt_embeddings` (no prefix) and the head `base_model.<name>`."""
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+MODEL_CONFIG_FILE = "config.json"
+"""transformers' config beside the adapter: the label names (peft ignores it)."""
 POOLING_FOR_TASK_TYPE = {"SEQ_CLS": "hf", "CAUSAL_LM": "lm", "SEQ_2_SEQ_LM": "lm"}
 
 
@@ -51,7 +52,7 @@ def export_peft(delta: str | Path, out: str | Path) -> Path:
     meta = read_meta(delta)
     tensors = read_tensors(delta)
     method, config = resolve_method(meta["method"], meta.get("method_config", {}))
-    if not hasattr(method, "to_peft"):
+    if method.to_peft is None:
         raise UserError(f"method '{meta['method']}' has no peft counterpart to export to")
     if meta["backbone"]["pooling"] not in POOLING_FOR_TASK_TYPE.values():
         raise UserError("peft export needs transformers' own head (--pooling hf); this delta uses "
@@ -67,11 +68,29 @@ def export_peft(delta: str | Path, out: str | Path) -> Path:
         "modules_to_save": head_modules or None,
         **fields,
     }
-    with atomic_directory(out) as tmp:
+    labels = label_config(meta)
+    with atomic_directory(out, "peft") as tmp:
         save_file({peft_name(method.PEFT_TYPE, k): v.contiguous() for k, v in method_tensors.items()},
                   str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         write_json_atomic(tmp / CONFIG_FILE, adapter_config)
+        if labels:
+            write_json_atomic(tmp / MODEL_CONFIG_FILE, labels)
     return Path(out)
+
+
+def label_config(meta: dict) -> dict | None:
+    """A classifier's transformers config.json: the base model's, with the delta's id2label / label2id (what
+    import reads back, and what transformers' AutoModelFor...from_pretrained of this folder uses); None for
+    a language model. Only the label fields when the base model's config cannot be read."""
+    names = meta.get("task", {}).get("label_names") or []
+    if meta["backbone"]["pooling"] == "lm" or not names:
+        return None
+    try:
+        base = json.loads((Path(resolve_model_path(meta["backbone"]["path"])) / MODEL_CONFIG_FILE).read_text())
+    except (UserError, OSError, ValueError):
+        base = {}
+    return {**base, "id2label": {str(i): name for i, name in enumerate(names)},
+            "label2id": {name: i for i, name in enumerate(names)}}
 
 
 def refuse_seq2seq_prompts(meta: dict, peft_type: str) -> None:
@@ -101,9 +120,9 @@ def own_name(peft_type: str, key: str) -> str:
     return key.removeprefix("base_model." if peft_type in PROMPT_LEARNING else PREFIX)
 
 
-def method_for_peft_type(peft_type: str) -> ModuleType:
+def method_for_peft_type(peft_type: str) -> Method:
     """The registered method whose PEFT_TYPE is peft_type and that can read it (has from_peft)."""
-    readers = {m.PEFT_TYPE: m for m in REGISTRY.values() if hasattr(m, "PEFT_TYPE") and hasattr(m, "from_peft")}
+    readers = {m.PEFT_TYPE: m for m in REGISTRY.values() if m.PEFT_TYPE and m.from_peft is not None}
     if peft_type not in readers:
         raise UserError(f"cannot import peft type '{peft_type}': supported: {', '.join(sorted(readers))}")
     return readers[peft_type]
@@ -146,7 +165,7 @@ def _split_head(tensors: dict[str, torch.Tensor], modules_to_save: list[str] | N
 def _label_names(peft_dir: Path, labels: str | None, head: dict[str, torch.Tensor]) -> list[str]:
     """From the peft dir's config.json (id2label), else --labels, else label_0..K-1 by the head's size."""
     given = [s.strip() for s in labels.split(",") if s.strip()] if labels else None
-    config_file = peft_dir / "config.json"
+    config_file = peft_dir / MODEL_CONFIG_FILE
     if given is None and config_file.exists():
         id2label = json.loads(config_file.read_text()).get("id2label") or {}
         if id2label:
@@ -193,7 +212,7 @@ def import_peft(peft_dir: str | Path, out: str | Path, model: str | None = None,
     all_tensors = {**{n: current[n].clone() for n in task_model.head_names}, **head, **converted}
     meta = {"method": method.NAME, "method_config": config_dict(config),
             "backbone": {"fingerprint": task_model.fingerprint, "path": task_model.model_path}}
-    method, config = apply_delta(task_model, meta, all_tensors)
+    apply_delta(task_model, meta, all_tensors, method, config)
     kind = CLASSIFICATION if pooling == "hf" else GENERATION
     return save_delta(out, task_model, method, config, {
         "task": {"name": folder.resolve().name, "kind": kind, "label_names": label_names,

@@ -33,7 +33,7 @@ from deltatune.errors import UserError
 from deltatune.evaluate import evaluate, forward_batch
 from deltatune.io import write_json_atomic, write_text_atomic
 from deltatune.methods import resolve_method, s4
-from deltatune.methods.base import count_parameters, default_lr, linear_dims, resolve_targets, trainable_state
+from deltatune.methods.base import count_parameters, linear_dims, resolve_targets, trainable_state
 from deltatune.train import build_optimizer, seed_everything, warmup_linear
 from deltatune.workflow import set_threads
 
@@ -167,7 +167,7 @@ def build(candidate: Candidate, run: Run) -> tuple[TaskModel, Any, torch.optim.O
     method.apply(task_model, config)
     if candidate.state is not None:
         task_model.module.load_state_dict(candidate.state, strict=False)
-    lr = run.config.lr if run.config.lr is not None else default_lr(method, config)
+    lr = run.config.lr if run.config.lr is not None else method.default_lr(config)
     optimizer = build_optimizer(task_model.module, lr, run.config.weight_decay)
     if candidate.optimizer is not None:
         optimizer.load_state_dict(candidate.optimizer)

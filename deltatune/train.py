@@ -16,7 +16,6 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -31,7 +30,7 @@ from deltatune.errors import UserError
 from deltatune.evaluate import autocast_for, evaluate, pooled_features
 from deltatune.fast import autocast_precision, training_forward
 from deltatune.fast.attention import pretrained
-from deltatune.methods.base import default_lr, trainable_state
+from deltatune.methods.base import Method, decay_groups, trainable_state
 
 
 @dataclass
@@ -50,14 +49,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_optimizer(module: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+def build_optimizer(module: torch.nn.Module, lr: float, weight_decay: float,
+                    groups: list[dict] | None = None) -> torch.optim.AdamW:
+    """AdamW over `groups` (a method's `param_groups`), by default decay on matrices only."""
+    return torch.optim.AdamW(groups if groups is not None else decay_groups(module, lr, weight_decay), lr=lr)
 
 
 def warmup_linear(total_steps: int, warmup_ratio: float):
@@ -137,17 +132,17 @@ def make_cache(task_model: TaskModel, config: TrainConfig, splits: list[list[Enc
     return cache
 
 
-def train_model(task_model: TaskModel, method: ModuleType, method_config: Any, train: list[Encoded],
+def train_model(task_model: TaskModel, method: Method, method_config: Any, train: list[Encoded],
                 validation: list[Encoded], config: TrainConfig) -> TrainResult:
     """Train the trainable parameters of task_model (already prepared by method.apply)."""
     seed_everything(config.seed)
     start = time.perf_counter()
-    checkpointing = config.gradient_checkpointing and not hasattr(method, "fit")
+    checkpointing = config.gradient_checkpointing and method.fit is None
     if checkpointing:
         checkpointing_model(task_model)  # unsupported: fail before filling the cache
     cache = make_cache(task_model, config, [train, validation])
     cache_info = {"depth": cache.depth, "spilled_mb": cache.spilled_bytes / 2**20} if cache else {}
-    if hasattr(method, "fit"):  # non-gradient methods (features): fit on pooled representations
+    if method.fit is not None:  # non-gradient methods (features): fit on pooled representations
         amp = autocast_precision(task_model, config.precision)
         train_x = pooled_features(task_model, train, config.eval_batch_size, amp, cache)
         val_x = pooled_features(task_model, validation, config.eval_batch_size, amp, cache)
@@ -182,18 +177,17 @@ def describe(metrics: dict[str, float]) -> str:
 
 def _gradient_loop(task_model, method, method_config, train, validation, config, cache, start, cache_info):
     module, device = task_model.module, task_model.device()
-    lr = config.lr if config.lr is not None else default_lr(method, method_config)
-    optimizer = build_optimizer(module, lr, config.weight_decay)
+    lr = config.lr if config.lr is not None else method.default_lr(method_config)
+    optimizer = build_optimizer(module, lr, config.weight_decay,
+                                method.param_groups(task_model, method_config, lr, config.weight_decay))
     lengths = [len(r.input_ids) for r in train]
     steps_per_epoch = math.ceil(math.ceil(len(train) / config.batch_size) / config.grad_accum)
     total_steps = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(total_steps, config.warmup_ratio))
     params = [p for p in module.parameters() if p.requires_grad]
     frozen_depth = frozen_prefix_depth(task_model)
-    on_step = getattr(method, "on_train_step", None)
-    extra_loss = getattr(method, "extra_loss", None)  # a method's regulariser (AdaLoRA: orthogonality)
     # False: the delta is the state at the end of training (AdaLoRA: earlier epochs predate its final budget)
-    keep_best = getattr(method, "RESTORE_BEST_EPOCH", True)
+    keep_best = method.RESTORE_BEST_EPOCH
     history: list[dict[str, float]] = []
     best_state, best_score, best_epoch, best_val = None, float("-inf"), 0, {}
     step, train_clock = 0, 0.0
@@ -210,7 +204,8 @@ def _gradient_loop(task_model, method, method_config, train, validation, config,
             batch = collate([train[j] for j in idx], task_model.tokenizer.pad_token_id, device)
             with autocast_for(device, amp):
                 loss = forward(batch).loss
-                total = loss if extra_loss is None else loss + extra_loss(task_model, method_config)
+                extra = method.extra_loss(task_model, method_config)  # a regulariser (AdaLoRA: orthogonality)
+                total = loss if extra is None else loss + extra
             (total.float() / config.grad_accum).backward()
             epoch_loss += loss.item() * len(idx)
             seen += len(idx)
@@ -220,8 +215,8 @@ def _gradient_loop(task_model, method, method_config, train, validation, config,
                 optimizer.step()
                 scheduler.step()
                 step += 1
-                if on_step is not None:  # before zero_grad: the gradients are still there (AdaLoRA uses them)
-                    on_step(task_model, method_config, step, total_steps)
+                # before zero_grad: the gradients are still there (AdaLoRA uses them)
+                method.on_train_step(task_model, method_config, step, total_steps)
                 optimizer.zero_grad(set_to_none=True)
             bar.set_postfix(refresh=False, loss=f"{epoch_loss / seen:.4f}",
                             ex_s=f"{seen / (time.perf_counter() - epoch_start):.1f}")

@@ -47,17 +47,17 @@ def run_train_job(job: TrainJob, out: str | Path) -> dict[str, Any]:
     config = job.train.validate()
     device = pick_device(config.device)
     method, method_config = resolve_method(job.method, job.options)
-    if hasattr(method, "run_job"):  # no-tuning strategies (icl, knn): a prompt or an index, no gradient
+    if method.runs_own_job:  # no-tuning strategies (icl, knn): a prompt or an index, no gradient
         return method.run_job(job, method_config, out)
     seed_everything(config.seed)
     task = job.task
     lm = task.kind == GENERATION  # generation: the model's own LM head, loss on the answer tokens
-    if lm and hasattr(method, "fit"):
+    if lm and method.fit is not None:
         raise UserError(f"method '{job.method}' fits a classifier on features; it cannot learn a generation task")
     if lm:
         pooling = "lm"
     else:
-        pooling = method.pooling_for(job.pooling, _arch_of(job)) if hasattr(method, "pooling_for") else job.pooling
+        pooling = method.pooling_for(job.pooling, _arch_of(job))
     prompted = job.prompt.objective == "verbalizer"  # PET / LM-BFF: the LM head scores label words
     if prompted:
         pooling = objective_pooling(pooling, method)

@@ -92,7 +92,7 @@ def test_export_to_peft_gives_the_same_logits(trained, tiny_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from deltatune.delta import load_delta
+    from deltatune.loading import load_delta
 
     out, _ = trained
     proc = run("export", "--format", "peft", str(out), str(tmp_path / "peft"))

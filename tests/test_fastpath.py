@@ -11,7 +11,7 @@ from deltatune import fast
 from deltatune.backbone import load_task_model
 from deltatune.batching import Encoded, eval_batches
 from deltatune.cli import main
-from deltatune.delta import load_delta
+from deltatune.loading import load_delta
 from deltatune.errors import UserError
 from deltatune.evaluate import predict_logits
 from deltatune.fast.fused import FusedLinear

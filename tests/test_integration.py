@@ -5,7 +5,7 @@ import torch
 
 from deltatune.config import TrainConfig
 from deltatune.data import load_task
-from deltatune.delta import load_delta
+from deltatune.loading import load_delta
 from deltatune.workflow import TrainJob, run_train_job
 
 pytestmark = pytest.mark.integration

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from deltatune.backbone import ARCHITECTURES, TaskModel, load_task_model
-from deltatune.delta import load_delta, read_meta, read_tensors, save_delta
+from deltatune.delta import read_meta, read_tensors, save_delta
+from deltatune.loading import load_delta
 from deltatune.errors import UserError
 from deltatune.intrinsic import said
 from deltatune.intrinsic.projection import (

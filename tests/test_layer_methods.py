@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from deltatune.backbone import load_task_model
-from deltatune.delta import load_delta, save_delta
+from deltatune.delta import save_delta
+from deltatune.loading import load_delta
 from deltatune.methods import REGISTRY, adapter, ia3, resolve_method
 from deltatune.peft_format import export_peft, import_peft
 

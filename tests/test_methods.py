@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from deltatune.backbone import load_task_model
-from deltatune.delta import load_delta, save_delta
+from deltatune.delta import save_delta
+from deltatune.loading import load_delta
 from deltatune.methods import REGISTRY, method_names, resolve_method
 
 CORE = ["features", "head", "last2", "full", "lora", "bitfit"]

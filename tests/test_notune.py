@@ -316,7 +316,7 @@ def test_verbalizer_head_is_the_lm_head_at_the_label_words(tiny_dir):
 @pytest.mark.parametrize("name", [m for m in ("lora", "prompt") if m in REGISTRY])
 def test_prompt_based_tuning_trains_only_the_delta_and_reloads(tiny_dir, toy_task, tmp_path, name):
     from deltatune.batching import encode
-    from deltatune.delta import load_delta
+    from deltatune.loading import load_delta
     from deltatune.evaluate import evaluate
 
     job = TrainJob(name, toy_task, model=tiny_dir("gpt2"), train=fast(epochs=1),

@@ -16,7 +16,8 @@ from transformers import AutoModelForSequenceClassification
 from deltatune.backbone import load_task_model
 from deltatune.cli import main
 from deltatune.data import load_task
-from deltatune.delta import load_delta, save_delta
+from deltatune.delta import save_delta
+from deltatune.loading import load_delta
 from deltatune.errors import UserError
 from deltatune.methods import resolve_method
 from deltatune.methods.base import linear_dims

@@ -11,7 +11,8 @@ from deltatune.backbone import load_task_model
 from deltatune.batching import collate, encode
 from deltatune.caching import frozen_prefix_depth
 from deltatune.data import Example
-from deltatune.delta import load_delta, save_delta
+from deltatune.delta import save_delta
+from deltatune.loading import load_delta
 from deltatune.errors import UserError
 from deltatune.methods import prefix as prefix_method
 from deltatune.methods import resolve_method

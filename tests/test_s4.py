@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from deltatune.backbone import load_task_model
-from deltatune.delta import load_delta, save_delta
+from deltatune.delta import save_delta
+from deltatune.loading import load_delta
 from deltatune.errors import UserError
 from deltatune.methods import resolve_method, s4
 from deltatune.methods.base import count_parameters, layer_of

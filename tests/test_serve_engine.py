@@ -18,7 +18,8 @@ import torch
 from deltatune.backbone import arch_for, load_task_model
 from deltatune.batching import collate, encode
 from deltatune.data import Example
-from deltatune.delta import load_delta, save_delta
+from deltatune.delta import save_delta
+from deltatune.loading import load_delta
 from deltatune.errors import UserError
 from deltatune.generation import prompt_ids
 from deltatune.methods import method_names, resolve_method

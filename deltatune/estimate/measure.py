@@ -114,7 +114,7 @@ def _train(spec: dict, batch_size: int, seq_len: int, steps: int) -> tuple[int, 
 
     method, config = resolve_method(spec["method"], spec["options"])
     pooling = "lm" if spec["generation"] else "hf"
-    if hasattr(method, "fit"):  # features: an explicit pooling, as `features.pooling_for` picks it
+    if method.fit is not None:  # features: an explicit pooling, as `features.pooling_for` picks it
         pooling = "last" if spec["decoder"] else "cls"
     task_model = load_task_model(spec["model"], num_labels=spec["num_labels"], pooling=pooling)
     task_model.label_names = [f"label {i}" for i in range(spec["num_labels"])]
@@ -125,7 +125,7 @@ def _train(spec: dict, batch_size: int, seq_len: int, steps: int) -> tuple[int, 
     module = task_model.module
     module.train()
     start = time.perf_counter()
-    if hasattr(method, "fit"):  # features: pooled states under no_grad, then a classifier
+    if method.fit is not None:  # features: pooled states under no_grad, then a classifier
         with torch.no_grad():
             for _ in range(steps):
                 module(**batch)

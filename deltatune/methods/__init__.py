@@ -1,8 +1,7 @@
-"""The adaptation methods, by name. Adding a method: one file here and one line in REGISTRY."""
+"""The adaptation methods, by name. Adding a method: one file here and one line in `_MODULES`."""
 
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Any
 
 from deltatune.errors import UserError
@@ -24,9 +23,9 @@ from deltatune.methods import (
     ptuning,
     s4,
 )
-from deltatune.methods.base import build_config
+from deltatune.methods.base import Method, build_config
 
-REGISTRY: dict[str, ModuleType] = {
+_MODULES = {
     "features": features,
     "head": head,
     "full": full,
@@ -44,6 +43,8 @@ REGISTRY: dict[str, ModuleType] = {
     "intrinsic": intrinsic,
     "s4": s4,
 }
+REGISTRY: dict[str, Method] = {name: Method.of(module) for name, module in _MODULES.items()}
+"""Method name -> its contract (`methods/base.py`)."""
 
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "last2": ("head", {"unfreeze_last": 2}),
@@ -56,7 +57,7 @@ def method_names() -> list[str]:
     return list(REGISTRY) + list(PRESETS)
 
 
-def resolve_method(name: str, overrides: dict[str, Any] | None = None) -> tuple[ModuleType, Any]:
+def resolve_method(name: str, overrides: dict[str, Any] | None = None) -> tuple[Method, Any]:
     """(method module, its config) for a registry or preset name, with user overrides applied."""
     options: dict[str, Any] = {}
     if name in PRESETS:

@@ -1,20 +1,31 @@
-"""The interface every adaptation method meets, and the shared helpers that freeze and count.
+"""The one contract every adaptation method meets (`Method`), and the shared helpers that freeze and count.
 
-A method is one module in `deltatune/methods/` that provides:
+A method is one module in `deltatune/methods/` (one file: its math, its training forward, its
+per-row serving forward, its estimate, its peft mapping). `Method.of(module)` reads the module once
+and fills every hook the module does not define with its default, so the rest of deltatune calls
+hooks without probing (`hasattr`) and this class is the one place that lists them:
 
-    NAME: str                      the registry name
-    Config: type                   a dataclass; its fields (each documented) are the method's options
-    DEFAULT_LR: float              learning rate used when the user gives none
-    apply(task_model, config)      add the method's modules in place and mark only its parameters
-                                   (and the task head) trainable; the backbone is never changed
-
-and optionally:
-
-    fit(task_model, config, train, validation, train_config)   non-gradient training (features)
-    on_train_step(task_model, config, step, total_steps)      called after each optimizer step (AdaLoRA)
-    delta_state(task_model, config) -> dict[str, Tensor]      what to save; default: trainable tensors
-    pooling_for(requested, arch) -> str                         the pooling the method needs
-    default_lr(config) -> float                                 DEFAULT_LR that depends on the options
+    required    NAME, Config (dataclass; a docstring and a valid range under each field), DEFAULT_LR,
+                apply(task_model, config)
+    training    default_lr(config)                 the learning rate when the user gives none
+                pooling_for(requested, arch)       the pooling the method needs
+                param_groups(task_model, config, lr, weight_decay)     AdamW groups (LoRA+: B at a larger lr)
+                extra_loss(task_model, config)     a regulariser added to the loss, or None (AdaLoRA)
+                on_train_step(task_model, config, step, total_steps)   after each optimizer step
+                RESTORE_BEST_EPOCH                 False: keep the end state (a schedule made earlier
+                                                   states invalid)
+                checkpoint_state / load_checkpoint_state   method state beyond its tensors (a budget,
+                                                   EMAs) saved in and restored from a training checkpoint
+                fit(task_model, config, train, validation)  non-gradient training (features), else None
+    saving      delta_state(task_model, config)    what to save; default: the trainable tensors
+                load_delta_state(task_model, config, tensors)   default: checked load by name and shape
+                PEFT_TYPE, to_peft, from_peft      peft export / import, or None
+    no tuning   run_job(job, config, out), make_strategy(config, context)   icl / knn, or None
+    serving     ROW_INPUT                          None, "soft_tokens" or "prefix": the per-row input
+                                                   the serve engine builds for this method's rows
+                ROW_HOOKS, ROW_TOP_MODULES         the task-model attributes (hook objects, prompt
+                                                   encoder) that ROW_INPUT explains
+                (per-row layer math lives on the site classes: see `RowSite` below)
 
 Deltas are saved as the trainable tensors under their parameter names, so `apply` + loading those
 tensors reproduces the trained model exactly.
@@ -24,27 +35,125 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Iterable
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
 import torch
 from torch import nn
 
-from deltatune.backbone import TaskModel
+from deltatune.backbone import ArchSpec, TaskModel
 from deltatune.errors import UserError
+from deltatune.options import describe, validate
 
 
-class AdaptationMethod(Protocol):
+def decay_groups(module: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: weight decay on matrices, none on biases, norms and vectors."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr": lr},
+              {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
+    return [g for g in groups if g["params"]]
+
+
+def load_checked(task_model: TaskModel, config: Any, tensors: dict[str, torch.Tensor]) -> None:
+    """The default `load_delta_state`: every trainable tensor present, names and shapes as the model's."""
+    own = task_model.module.state_dict()
+    for name, tensor in tensors.items():
+        if name not in own:
+            raise UserError(f"delta tensor '{name}' does not exist in the model this method builds")
+        if tuple(own[name].shape) != tuple(tensor.shape):
+            raise UserError(f"delta tensor '{name}' has shape {tuple(tensor.shape)}, "
+                            f"the model expects {tuple(own[name].shape)}")
+    missing = set(trainable_state(task_model.module)) - set(tensors)
+    if missing:
+        raise UserError(f"delta is missing {len(missing)} tensors, e.g. '{sorted(missing)[0]}'")
+    task_model.module.load_state_dict(tensors, strict=False)
+
+
+def _no_op(*args: Any) -> None:
+    return None
+
+
+def _no_state(task_model: TaskModel, config: Any) -> dict[str, torch.Tensor]:
+    return {}
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method module with every hook filled in (see the module docstring for what each one does)."""
+
+    module: ModuleType
     NAME: str
     Config: type
     DEFAULT_LR: float
+    apply: Callable[[TaskModel, Any], None]
+    default_lr: Callable[[Any], float]
+    pooling_for: Callable[[str, ArchSpec], str]
+    param_groups: Callable[[TaskModel, Any, float, float], list[dict[str, Any]]]
+    extra_loss: Callable[[TaskModel, Any], torch.Tensor | None]
+    on_train_step: Callable[[TaskModel, Any, int, int], None]
+    RESTORE_BEST_EPOCH: bool
+    checkpoint_state: Callable[[TaskModel, Any], dict[str, torch.Tensor]]
+    load_checkpoint_state: Callable[[TaskModel, Any, dict[str, torch.Tensor]], None]
+    delta_state: Callable[[TaskModel, Any], dict[str, torch.Tensor]]
+    load_delta_state: Callable[[TaskModel, Any, dict[str, torch.Tensor]], None]
+    fit: Callable[..., dict[str, float]] | None = None
+    PEFT_TYPE: str | None = None
+    to_peft: Callable[[Any, dict], tuple[dict, dict]] | None = None
+    from_peft: Callable[[dict, dict], tuple[Any, dict]] | None = None
+    run_job: Callable[..., dict] | None = None
+    make_strategy: Callable[..., Any] | None = None
+    ROW_INPUT: str | None = None
+    ROW_HOOKS: tuple[str, ...] = ()
+    ROW_TOP_MODULES: tuple[str, ...] = ()
 
-    def apply(self, task_model: TaskModel, config: Any) -> None: ...
+    REQUIRED: typing.ClassVar[tuple[str, ...]] = ("NAME", "Config", "DEFAULT_LR", "apply")
 
+    @classmethod
+    def of(cls, module: ModuleType) -> Method:
+        """The contract of a method module: its own hooks, the defaults for the rest."""
+        found = vars(module)
+        missing = [name for name in cls.REQUIRED if name not in found]
+        if missing:
+            raise TypeError(f"method module {module.__name__} lacks {', '.join(missing)}")
+        lr = found["DEFAULT_LR"]
+        defaults: dict[str, Any] = {
+            "default_lr": lambda config: lr,
+            "pooling_for": lambda requested, arch: requested,
+            "param_groups": lambda task_model, config, lr, wd: decay_groups(task_model.module, lr, wd),
+            "extra_loss": _no_op,
+            "on_train_step": _no_op,
+            "RESTORE_BEST_EPOCH": True,
+            "checkpoint_state": _no_state,
+            "load_checkpoint_state": _no_op,
+            "delta_state": lambda task_model, config: trainable_state(task_model.module),
+            "load_delta_state": load_checked,
+        }
+        hooks = {f.name for f in dataclasses.fields(cls)} - {"module"}
+        values = {name: found[name] if name in found else defaults.get(name, cls.__dataclass_fields__[name].default)
+                  for name in hooks}
+        return cls(module=module, **values)
 
-def default_lr(method: Any, config: Any) -> float:
-    """The learning rate a method trains with when the user gives none."""
-    return method.default_lr(config) if hasattr(method, "default_lr") else method.DEFAULT_LR
+    @property
+    def trains_by_gradient(self) -> bool:
+        """False for methods that fit without gradients (features) or run their own job (icl, knn)."""
+        return self.fit is None and self.run_job is None
+
+    @property
+    def runs_own_job(self) -> bool:
+        """icl / knn: a prompt or an index, built and saved by the method's own pipeline."""
+        return self.run_job is not None
+
+    def __getattr__(self, name: str) -> Any:
+        """Constants of the method file beyond the contract (ADAPTER, PEFT prefixes) stay reachable."""
+        if not name.isupper():  # hooks are fields: a lowercase name not found here is not a hook
+            raise AttributeError(f"method {self.NAME!r} has no attribute {name!r}")
+        return getattr(self.module, name)
 
 
 def mark_trainable(module: nn.Module, names: Iterable[str]) -> None:
@@ -181,9 +290,12 @@ def build_config(config_cls: type, overrides: dict[str, Any]) -> Any:
     for key, raw in overrides.items():
         key = key.replace("-", "_")
         if key not in fields:
-            raise UserError(f"unknown option '{key}' for this method: options are {', '.join(fields)}")
+            listed = ", ".join(f"{name} {describe(f)}".strip() for name, f in fields.items())
+            raise UserError(f"unknown option '{key}' for this method: options are {listed}")
         values[key] = _coerce(raw, hints[key], key)
-    return config_cls(**values)
+    config = config_cls(**values)
+    validate(config)  # every field within its declared range (deltatune/options.py)
+    return config
 
 
 def _coerce(raw: Any, hint: Any, key: str) -> Any:

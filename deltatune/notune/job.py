@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -62,7 +61,7 @@ def strategy_metrics(strategy, examples: list[Example], num_labels: int) -> dict
     return metrics
 
 
-def run_strategy_job(job, method: ModuleType, config: Any, out: str | Path) -> dict[str, Any]:
+def run_strategy_job(job, method: Any, config: Any, out: str | Path) -> dict[str, Any]:
     """`deltatune train --method icl|knn`: fit, test and save; returns the metrics row (tuned methods' keys)."""
     from deltatune.backbone import pick_device
     from deltatune.train import seed_everything
@@ -106,7 +105,7 @@ def run_strategy_job(job, method: ModuleType, config: Any, out: str | Path) -> d
                  "description": task.description, "text_pair": pair},
         "train_config": train_config.to_dict(), "metrics": metrics, "history": [], "head_names": [],
     }
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, "delta") as tmp:
         meta["strategy"] = strategy.save(tmp)
         write_json_atomic(tmp / META, meta)
     metrics["delta_bytes"] = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
@@ -118,7 +117,8 @@ def load_strategy(delta: str | Path, meta: dict, model: str | None = None, devic
     """The saved strategy of an icl/knn delta, its backbone checked; None for a tuned delta."""
     from deltatune.methods import REGISTRY, resolve_method
 
-    if not hasattr(REGISTRY.get(meta.get("method"), None), "make_strategy"):
+    known = REGISTRY.get(meta.get("method"))
+    if known is None or known.make_strategy is None:
         return None
     method, config = resolve_method(meta["method"], meta.get("method_config", {}))
     train = TrainConfig(**{k: v for k, v in meta.get("train_config", {}).items()

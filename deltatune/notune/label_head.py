@@ -16,7 +16,6 @@ from the backbone when a delta loads (delta.json "prompt"), so the delta holds o
 from __future__ import annotations
 
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -62,9 +61,9 @@ class TemplateTokenizer:
         return self.tokenizer(prompts[0] if single else prompts, **kwargs)
 
 
-def objective_pooling(pooling: str, method: ModuleType) -> str:
+def objective_pooling(pooling: str, method: Any) -> str:
     """The pooling the verbalizer objective needs (`last`: the token before the label word)."""
-    if hasattr(method, "fit") or hasattr(method, "run_job"):
+    if not method.trains_by_gradient:
         raise UserError(f"--objective verbalizer needs a gradient-trained method, not '{method.NAME}'")
     if pooling not in ("hf", "last"):
         raise UserError(f"--objective verbalizer reads the last token; --pooling {pooling} does not apply")

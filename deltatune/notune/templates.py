@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any
 
 from deltatune.errors import UserError
@@ -178,11 +177,11 @@ class PromptArgs:
                 if getattr(self, f.name) != f.default}
 
 
-def is_no_tuning(method: ModuleType) -> bool:
-    return hasattr(method, "run_job")
+def is_no_tuning(method: Any) -> bool:
+    return method.runs_own_job
 
 
-def split_prompt_args(method: ModuleType, prompt: PromptArgs) -> tuple[dict[str, Any], PromptArgs, list[str]]:
+def split_prompt_args(method: Any, prompt: PromptArgs) -> tuple[dict[str, Any], PromptArgs, list[str]]:
     """(method options, prompt args for a tuned method, flags that do not apply to this method).
 
     No-tuning methods take the flags as options of their Config; tuned methods take --objective, and
@@ -195,13 +194,13 @@ def split_prompt_args(method: ModuleType, prompt: PromptArgs) -> tuple[dict[str,
         fields = {f.name for f in dataclasses.fields(method.Config)}
         options = {k: v for k, v in given.items() if k in fields}
         return options, PromptArgs(), sorted(set(given) - set(options))
-    tuned = set() if hasattr(method, "fit") else (  # features fits its own head: no objective to choose
+    tuned = set() if method.fit is not None else (  # features fits its own head: no objective to choose
         {"objective"} | ({"template", "verbalizer"} if prompt.objective == "verbalizer" else set()))
     kept = {k: v for k, v in given.items() if k in tuned}
     return {}, PromptArgs(**kept), sorted(set(given) - set(kept))
 
 
-def prompt_options(method: ModuleType, prompt: PromptArgs) -> tuple[dict[str, Any], PromptArgs]:
+def prompt_options(method: Any, prompt: PromptArgs) -> tuple[dict[str, Any], PromptArgs]:
     """Like split_prompt_args, but a flag that does not apply to the method is an error (for `train`)."""
     options, tuned, unused = split_prompt_args(method, prompt)
     if unused:
@@ -210,7 +209,7 @@ def prompt_options(method: ModuleType, prompt: PromptArgs) -> tuple[dict[str, An
     return options, tuned
 
 
-def prompt_argv(method: ModuleType, prompt: PromptArgs) -> list[str]:
+def prompt_argv(method: Any, prompt: PromptArgs) -> list[str]:
     """The prompt flags of a `compare` child process: only those that apply to its method."""
     from deltatune.cliargs import to_argv
 

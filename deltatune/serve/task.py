@@ -183,8 +183,8 @@ def build_task(shared: SharedBackbone, name: str, path: str | Path, meta: dict,
             f"task '{name}': delta was trained on a different backbone ({backbone_meta.get('path')}, "
             f"fingerprint {backbone_meta.get('fingerprint')}) than the served {shared.model_path} "
             f"(fingerprint {shared.fingerprint})")
-    method, _ = resolve_method(meta["method"], meta.get("method_config", {}))
-    if hasattr(method, "run_job"):
+    method, method_config = resolve_method(meta["method"], meta.get("method_config", {}))
+    if method.runs_own_job:
         raise UserError(f"task '{name}': method '{meta['method']}' predicts through its own pipeline, not a "
                         "pass of the model: serve does not run it (use deltatune predict)")
     pooling = backbone_meta.get("pooling", "hf")
@@ -206,7 +206,7 @@ def build_task(shared: SharedBackbone, name: str, path: str | Path, meta: dict,
         attach_label_head(task_model, meta["prompt"])
     shared_ids = shared.tensor_ids()
     try:
-        apply_delta(task_model, meta, tensors, before_load=privatizer(shared_ids))
+        apply_delta(task_model, meta, tensors, method, method_config, before_load=privatizer(shared_ids))
     except (KeyError, RuntimeError, ValueError) as exc:
         raise UserError(f"task '{name}': cannot apply its {meta.get('method')} delta: "
                         f"{str(exc).splitlines()[0]}") from exc

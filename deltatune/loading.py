@@ -1,0 +1,38 @@
+"""Load a delta from disk onto its backbone: the one place that joins the format (`delta.py`) and the
+method registry (`methods/`), so neither imports the other's layer.
+
+    DELTA/delta.json ── method name ──> REGISTRY ──> Method ──> backbone + apply + tensors
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from deltatune.backbone import load_task_model, resolve_model_path
+from deltatune.delta import LoadedDelta, apply_delta, read_meta, read_tensors
+from deltatune.errors import UserError
+from deltatune.methods import resolve_method
+
+
+def load_delta(path: str | Path, model: str | None = None, device: str | torch.device = "cpu") -> LoadedDelta:
+    """Load the backbone the delta was trained on (or `model`), verify it, and apply the delta."""
+    meta = read_meta(path)
+    tensors = read_tensors(path)
+    method, config = resolve_method(meta["method"], meta.get("method_config", {}))
+    model_path = model or meta["backbone"]["path"]
+    try:
+        model_path = resolve_model_path(model_path)
+    except UserError as exc:
+        raise UserError(f"{exc} (the delta's backbone; pass --model PATH)") from exc
+    task_model = load_task_model(model_path, num_labels=meta["num_labels"],
+                                 pooling=meta["backbone"]["pooling"], device=device)
+    if meta.get("prompt", {}).get("objective") == "verbalizer":  # PET / LM-BFF: LM head at the label words
+        from deltatune.notune.label_head import attach_label_head
+
+        attach_label_head(task_model, meta["prompt"])
+    apply_delta(task_model, meta, tensors, method, config)
+    task_model.module.to(device)
+    task_model.module.eval()
+    return LoadedDelta(task_model=task_model, method=method, config=config, meta=meta)
