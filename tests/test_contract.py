@@ -118,3 +118,25 @@ def test_a_one_file_method_trains_saves_and_loads(tiny_dir, toy_csv, tmp_path):
         fresh.module.eval()
         with torch.no_grad():
             torch.testing.assert_close(fresh.module(**batch).logits, tm.module(**batch).logits)
+
+
+def test_adalora_budget_state_survives_a_checkpoint(tiny_dir, toy_csv):
+    """A run resumed from a checkpoint continues AdaLoRA's allocation where it stopped."""
+    method = REGISTRY["adalora"]
+    task = load_task(data=toy_csv)
+    with tiny.torch_threads(1):
+        tm = load_task_model(tiny_dir("bert"), num_labels=2, pooling="mean")
+        config = method.Config(init_r=4, target_r=2, tinit=0, tfinal=1, deltaT=1)
+        method.apply(tm, config)
+        rows = encode(tm.tokenizer, task.train[:48], 32, "train")
+        train_model(tm, method, config, rows[:32], rows[32:], TrainConfig(epochs=1, batch_size=8, progress=False,
+                                                                           cache="off"))
+        saved = method.checkpoint_state(tm, config)
+        masks = [v for k, v in saved.items() if k.startswith("rank_mask/")]
+        assert saved["fixed"] and masks and any(not bool(m.all()) for m in masks)  # some triplets dropped
+        fresh = load_task_model(tiny_dir("bert"), num_labels=2, pooling="mean")
+        method.apply(fresh, config)
+        method.load_checkpoint_state(fresh, config, saved)
+        assert method.checkpoint_state(fresh, config).keys() == saved.keys()
+        for key, value in method.checkpoint_state(fresh, config).items():
+            torch.testing.assert_close(value, saved[key])

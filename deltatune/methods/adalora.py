@@ -37,6 +37,8 @@ from torch import nn
 from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
 from deltatune.methods.base import AdaptedLayer, replace_module, resolve_targets, train_head, trainable_state
+from deltatune.methods.lora import LoRALinear, lora_update
+from deltatune.options import option
 
 NAME = "adalora"
 DEFAULT_LR = 1e-2
@@ -54,30 +56,30 @@ RESTORE_BEST_EPOCH = False
 
 @dataclass
 class Config:
-    init_r: int = 12
+    init_r: int = option(12, ge=1)
     """Initial rank of every adapted matrix (the triplets the budget starts from)."""
-    target_r: int = 8
+    target_r: int = option(8, ge=1)
     """Average rank per matrix after the schedule: the final budget is target_r × adapted matrices."""
-    alpha: float = 8.0
+    alpha: float = option(8.0, gt=0)
     """Scale numerator: the update is multiplied by alpha / init_r (peft's lora_alpha)."""
-    dropout: float = 0.0
+    dropout: float = option(0.0, ge=0, lt=1)
     """Dropout on the input of the update."""
     target_modules: tuple[str, ...] = ("query", "value")
     """Roles (query, key, value, attn_out, ffn_in, ffn_out) or module-name suffixes to adapt."""
-    tinit: int = 0
+    tinit: int = option(0, ge=0)
     """Warm-up optimizer steps before any triplet is dropped."""
-    tfinal: int = 0
+    tfinal: int = option(0, ge=0)
     """Last optimizer steps, trained with the final budget fixed."""
-    deltaT: int = 1
+    deltaT: int = option(1, ge=1)
     """Optimizer steps between two reallocations of the budget."""
-    beta1: float = 0.85
+    beta1: float = option(0.85, ge=0, lt=1)
     """EMA factor of the sensitivity Ī."""
-    beta2: float = 0.85
+    beta2: float = option(0.85, ge=0, lt=1)
     """EMA factor of the uncertainty Ū."""
-    orth_reg_weight: float = 0.1
+    orth_reg_weight: float = option(0.1, ge=0)
     """Weight of the orthogonality regulariser on P and Q (peft's default is 0.5: while λ ≈ 0, P and Q get
     no task gradient, Adam follows the regulariser alone, and short runs learn slower; 0.1 cost little)."""
-    total_step: int | None = None
+    total_step: int | None = option(None, ge=1)
     """Schedule length T in optimizer steps; None: the training loop's (recorded here when training starts)."""
 
 
@@ -115,9 +117,21 @@ class SVDLinear(AdaptedLayer):
             return out
         q, p = self.lora_A[name], self.lora_B[name]
         lam = self.lora_E[name] * self.rank_mask(name)  # (r, 1)
-        x = self.lora_dropout[name](x.to(q.dtype))
-        update = (x @ (q * lam).T) @ p.T * self.scaling[name]  # (B, T, r) -> (B, T, d)
+        update = lora_update(self.lora_dropout[name](x.to(q.dtype)), q * lam, p, self.scaling[name])  # (B, T, d)
         return out + update.to(out.dtype)
+
+    # ---- per row (RowSite): LoRA's, with A = λ ⊙ Q (dropped triplets masked) ---------------------------
+
+    ROW_FILL = LoRALinear.ROW_FILL
+    row_forward = staticmethod(LoRALinear.row_forward)
+
+    def row_key(self) -> str:
+        return "lora"  # batches with LoRA sites at the same place (ranks zero-padded)
+
+    def row_payload(self) -> tuple[torch.Tensor, ...]:
+        name = self.active_adapter
+        a = (self.lora_A[name] * (self.lora_E[name] * self.rank_mask(name))).detach()  # λ ⊙ Q: (r, k)
+        return a, self.lora_B[name].detach(), a.new_tensor(self.scaling[name])  # (r, k), (d, r), ()
 
 
 def svd_layers(task_model: TaskModel) -> dict[str, SVDLinear]:
@@ -321,3 +335,26 @@ def from_peft(adapter_config: dict, tensors: dict[str, torch.Tensor]) -> tuple[C
         orth_reg_weight=float(adapter_config.get("orth_reg_weight", 0.5)),
         total_step=adapter_config.get("total_step"))
     return config, out
+
+
+def checkpoint_state(task_model: TaskModel, config: Config) -> dict[str, torch.Tensor]:
+    """What a resumed run needs beyond the tensors: the importance EMAs Ī, Ū, whether the final budget is
+    fixed, and the rank masks (a checkpoint mid-schedule resumes the same allocation)."""
+    state = _allocator(task_model)
+    out = {f"sensitivity/{k}": v.detach().cpu() for k, v in state.sensitivity.items()}
+    out.update({f"uncertainty/{k}": v.detach().cpu() for k, v in state.uncertainty.items()})
+    out.update({f"rank_mask/{name}": layer.rank_mask().detach().cpu() for name, layer in svd_layers(task_model).items()})
+    out["fixed"] = torch.tensor(state.fixed)
+    return out
+
+
+def load_checkpoint_state(task_model: TaskModel, config: Config, saved: dict[str, torch.Tensor]) -> None:
+    state = _allocator(task_model)
+    layers = svd_layers(task_model)
+    for key, tensor in saved.items():
+        kind, _, name = key.partition("/")
+        if kind in ("sensitivity", "uncertainty"):
+            getattr(state, kind)[name] = tensor.to(layers[name.rsplit(".", 1)[0]].lora_E[ADAPTER].device)
+        elif kind == "rank_mask":
+            layers[name].rank_mask().copy_(tensor)
+    state.fixed = bool(saved.get("fixed", torch.tensor(False)))
