@@ -1,4 +1,4 @@
-"""Load a delta from disk onto its backbone: the one place that joins the format (`delta.py`) and the
+"""Load a delta (or an icl/knn strategy) from disk onto its backbone: the one place that joins the format (`delta.py`) and the
 method registry (`methods/`), so neither imports the other's layer.
 
     DELTA/delta.json ── method name ──> REGISTRY ──> Method ──> backbone + apply + tensors
@@ -13,7 +13,8 @@ import torch
 from deltatune.backbone import load_task_model, resolve_model_path
 from deltatune.delta import LoadedDelta, apply_delta, read_meta, read_tensors
 from deltatune.errors import UserError
-from deltatune.methods import resolve_method
+from deltatune.methods import REGISTRY, resolve_method
+from deltatune.notune.job import restore_strategy
 
 
 def load_delta(path: str | Path, model: str | None = None, device: str | torch.device = "cpu") -> LoadedDelta:
@@ -36,3 +37,13 @@ def load_delta(path: str | Path, model: str | None = None, device: str | torch.d
     task_model.module.to(device)
     task_model.module.eval()
     return LoadedDelta(task_model=task_model, method=method, config=config, meta=meta)
+
+
+def load_strategy(delta: str | Path, meta: dict, model: str | None = None, device: str | torch.device = "cpu",
+                  precision: str | None = None, batch_size: int | None = None):
+    """The saved strategy of an icl/knn delta, its backbone checked; None for a tuned delta."""
+    known = REGISTRY.get(meta.get("method"))
+    if known is None or known.make_strategy is None:
+        return None
+    method, config = resolve_method(meta["method"], meta.get("method_config", {}))
+    return restore_strategy(delta, meta, method, config, model, device, precision, batch_size)

@@ -11,11 +11,12 @@ import torch
 from deltatune.config import TrainConfig
 from deltatune.data import Example, load_task
 from deltatune.errors import UserError
+from deltatune.loading import load_strategy
 from deltatune.methods import REGISTRY
 from deltatune.notune.chunking import Document, chunk_text
 from deltatune.notune.encoder import TextEncoder
 from deltatune.notune.index import VectorIndex, example_index
-from deltatune.notune.job import load_strategy, predict_with_strategy, strategy_metrics
+from deltatune.notune.job import predict_with_strategy, strategy_metrics
 from deltatune.notune.prompts import PromptBuilder
 from deltatune.notune.scoring import LabelScorer, _row_contexts, calibrate, load_language_model
 from deltatune.notune.templates import (
@@ -316,8 +317,8 @@ def test_verbalizer_head_is_the_lm_head_at_the_label_words(tiny_dir):
 @pytest.mark.parametrize("name", [m for m in ("lora", "prompt") if m in REGISTRY])
 def test_prompt_based_tuning_trains_only_the_delta_and_reloads(tiny_dir, toy_task, tmp_path, name):
     from deltatune.batching import encode
-    from deltatune.loading import load_delta
     from deltatune.evaluate import evaluate
+    from deltatune.loading import load_delta
 
     job = TrainJob(name, toy_task, model=tiny_dir("gpt2"), train=fast(epochs=1),
                    prompt=PromptArgs(objective="verbalizer", template=CUE_TEMPLATE, verbalizer=TOY_WORDS))

@@ -6,7 +6,7 @@
 
 A strategy provides fit(train, seed), scores(examples) -> (N, K) log-probabilities, `stats`,
 save(folder) -> dict, restore(folder, dict), backbone() -> dict and total_params().
-`deltatune eval` and `predict` reload it through `load_strategy` (None for a tuned delta).
+`deltatune eval` and `predict` reload it through `loading.load_strategy` (None for a tuned delta).
 """
 
 from __future__ import annotations
@@ -112,15 +112,9 @@ def run_strategy_job(job, method: Any, config: Any, out: str | Path) -> dict[str
     return metrics
 
 
-def load_strategy(delta: str | Path, meta: dict, model: str | None = None, device: torch.device | str = "cpu",
-                  precision: str | None = None, batch_size: int | None = None):
-    """The saved strategy of an icl/knn delta, its backbone checked; None for a tuned delta."""
-    from deltatune.methods import REGISTRY, resolve_method
-
-    known = REGISTRY.get(meta.get("method"))
-    if known is None or known.make_strategy is None:
-        return None
-    method, config = resolve_method(meta["method"], meta.get("method_config", {}))
+def restore_strategy(delta: str | Path, meta: dict, method: Any, config: Any, model: str | None = None,
+                     device: torch.device | str = "cpu", precision: str | None = None, batch_size: int | None = None):
+    """The saved strategy of an icl/knn delta (`method` has make_strategy), its backbone checked."""
     train = TrainConfig(**{k: v for k, v in meta.get("train_config", {}).items()
                            if k in TrainConfig.__dataclass_fields__})
     train.progress = False
