@@ -1,50 +1,44 @@
 """Attention that keeps no T x Tk probability matrix for backward (FlashAttention's recomputation, in torch).
 
-    forward, per block of queries (all heads):                 saved for backward: Q, K, V, O, L
-        S = Q_b Kᵀ · scale + mask_b          (B, hk, g, bq, Tk)
-        L_b = logsumexp(S)                   (B, hk, g, bq)     the row log-sum-exp, fp32
-        O_b = exp(S − L_b) V                 (B, hk, g, bq, d)
+    forward, per block of queries (all heads):                 saved for backward: Q, K, V, O, mask
+        S = (Q_b · scale) Kᵀ + mask_b        (B, hk, g·bq, Tk)
+        P = softmax(S)                       fused kernel: input dtype, fp32 sums (as explicit attention)
+        O_b = P V                            (B, hk, g·bq, d)
     backward, per block of queries:
-        P = exp(Q_b Kᵀ · scale + mask_b − L_b)                  recomputed, never stored
+        P = softmax((Q_b · scale) Kᵀ + mask_b)                  recomputed, never stored
         dV += Pᵀ dO_b         dP = dO_b Vᵀ
-        dS = P ⊙ (dP − rowsum(dO_b ⊙ O_b))
-        dQ_b = dS K · scale   dK += dSᵀ Q_b · scale
+        dS = P ⊙ (dP − rowsum(dP ⊙ P))       torch's fused softmax backward
+        dQ_b = dS K · scale   dK += dSᵀ (Q_b · scale)
 
 Grouped-query attention needs no copies of K and V: the g = h / hk query heads of one key/value head
-share them. The additive mask (B or 1, 1, T, Tk) carries causality, padding, soft-prompt and prefix
-positions, and packed sequences alike: whatever transformers' mask function built. Blocks are sized
-so that one block's S stays near BLOCK_ELEMENTS values (a few MB, cache-friendly on a CPU).
-What it costs: one more Q Kᵀ matmul in backward; what it saves: the (B, h, T, Tk) P of every layer,
-which at 2,048 tokens is ~75 MB per SmolLM2 layer in bf16. `explicit_attention` chooses it when P
-would be large (see fast/attention.py); on CUDA, SDPA's flash / memory-efficient kernels do this.
+are stacked into one (g·bq, d) matrix, as in explicit attention. The additive mask (B or 1, 1, T, Tk)
+carries causality, padding, soft-prompt and prefix positions and packed sequences alike: whatever
+transformers' mask function built. Blocks are sized so that one block's S stays near BLOCK_ELEMENTS
+values (a few MB, cache-friendly on a CPU). What it costs: one more Q Kᵀ matmul and softmax in
+backward; what it saves: the (B, h, T, Tk) P of every layer, ~75 MB per SmolLM2 layer at 2,048 tokens
+in bf16. `explicit_attention` chooses it when P would be large (fast/attention.py); on CUDA, SDPA's
+flash / memory-efficient kernels do the same job.
 """
 
 from __future__ import annotations
 
 import torch
 
-BLOCK_ELEMENTS = 1 << 21
-"""Target size of one block's score tensor S (2M values: 8 MB in fp32)."""
+BLOCK_ELEMENTS = 1 << 22
+"""Target size of one block's score tensor S (4M values: 8 MB in bf16)."""
 
 
 def block_size(b: int, h: int, t: int, tk: int) -> int:
     return max(16, min(t, BLOCK_ELEMENTS // max(1, b * h * tk)))
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Softmax statistics and K/V gradient sums: fp32, or the inputs' dtype when wider (fp64 tests)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _scores(q_b, k, mask_b, scale):
-    # q_b: (B, hk, g, bq, d), k: (B, hk, Tk, d) -> S (B, hk, g, bq, Tk) in fp32 (or wider)
+def _probs(q_b: torch.Tensor, k: torch.Tensor, mask_b: torch.Tensor | None) -> torch.Tensor:
+    # q_b (pre-scaled): (B, hk, g, bq, d), k: (B, hk, Tk, d) -> P (B, hk, g·bq, Tk)
     b, hk, g, bq, d = q_b.shape
-    s = torch.matmul(q_b.reshape(b, hk, g * bq, d), k.transpose(-1, -2)).view(b, hk, g, bq, -1)
-    s = s.to(acc_dtype(q_b.dtype))
-    s.mul_(scale)
+    s = torch.matmul(q_b.reshape(b, hk, g * bq, d), k.transpose(-1, -2))  # (B, hk, g·bq, Tk)
     if mask_b is not None:
-        s += mask_b  # (B|1, 1, 1, bq, Tk)
-    return s
+        s = (s.view(b, hk, g, bq, -1) + mask_b.to(s.dtype)).view(b, hk, g * bq, -1)  # mask: (B|1, 1, 1, bq, Tk)
+    return torch.softmax(s, dim=-1)
 
 
 class BlockwiseAttention(torch.autograd.Function):
@@ -54,53 +48,43 @@ class BlockwiseAttention(torch.autograd.Function):
         b, h, t, d = q.shape
         hk, tk = k.shape[1], k.shape[2]
         g = h // hk
-        q5 = q.view(b, hk, g, t, d)
-        acc = acc_dtype(q.dtype)
-        m5 = mask.unsqueeze(2).to(acc) if mask is not None else None  # (B|1, 1, 1, T, Tk)
-        out = torch.empty_like(q5)
-        lse = q.new_empty((b, hk, g, t), dtype=acc)
+        qs = (q * scale).view(b, hk, g, t, d)
+        m5 = mask.unsqueeze(2) if mask is not None else None  # (B|1, 1, 1, T, Tk)
+        out = torch.empty_like(qs)
         step = block_size(b, h, t, tk)
         for start in range(0, t, step):
             rows = slice(start, start + step)
-            s = _scores(q5[:, :, :, rows], k, m5[..., rows, :] if m5 is not None else None, scale)
-            lse_b = torch.logsumexp(s, dim=-1)  # (B, hk, g, bq)
-            p = torch.exp(s - lse_b.unsqueeze(-1)).to(v.dtype)
-            bq = p.shape[3]
-            out[:, :, :, rows] = torch.matmul(p.view(b, hk, g * bq, tk), v).view(b, hk, g, bq, d)
-            lse[:, :, :, rows] = lse_b
-        ctx.save_for_backward(q, k, v, out, lse, mask if mask is not None else torch.empty(0))
+            p = _probs(qs[:, :, :, rows], k, m5[..., rows, :] if m5 is not None else None)
+            out[:, :, :, rows] = torch.matmul(p.to(v.dtype), v).view(b, hk, g, -1, d)
+        ctx.save_for_backward(qs, k, v, mask if mask is not None else torch.empty(0))
         ctx.scale, ctx.has_mask = scale, mask is not None
         return out.view(b, h, t, d)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, mask = ctx.saved_tensors
-        scale = ctx.scale
-        b, h, t, d = q.shape
-        hk, tk = k.shape[1], k.shape[2]
-        g = h // hk
-        q5, do5 = q.view(b, hk, g, t, d), grad_out.reshape(b, hk, g, t, d).to(q.dtype)
-        acc = acc_dtype(q.dtype)
-        m5 = mask.unsqueeze(2).to(acc) if ctx.has_mask else None
-        dq = torch.empty_like(q5)
+        qs, k, v, mask = ctx.saved_tensors
+        b, hk, g, t, d = qs.shape
+        tk = k.shape[2]
+        do5 = grad_out.reshape(b, hk, g, t, d).to(qs.dtype)
+        m5 = mask.unsqueeze(2) if ctx.has_mask else None
+        dq = torch.empty_like(qs)
+        acc = torch.promote_types(k.dtype, torch.float32)  # K/V gradients summed over blocks in fp32
         dk = torch.zeros(k.shape, dtype=acc, device=k.device)
         dv = torch.zeros(v.shape, dtype=acc, device=v.device)
-        step = block_size(b, h, t, tk)
+        step = block_size(b, hk * g, t, tk)
         for start in range(0, t, step):
             rows = slice(start, start + step)
-            q_b, do_b = q5[:, :, :, rows], do5[:, :, :, rows]  # (B, hk, g, bq, d)
+            q_b = qs[:, :, :, rows]  # (B, hk, g, bq, d)
             bq = q_b.shape[3]
-            s = _scores(q_b, k, m5[..., rows, :] if m5 is not None else None, scale)
-            p = torch.exp(s - lse[:, :, :, rows].unsqueeze(-1))  # (B, hk, g, bq, Tk) in acc
-            flat_p = p.to(v.dtype).view(b, hk, g * bq, tk)
-            flat_do = do_b.reshape(b, hk, g * bq, d)
-            dv += torch.matmul(flat_p.transpose(-1, -2), flat_do).to(acc)  # (B, hk, Tk, d)
-            dp = torch.matmul(flat_do, v.transpose(-1, -2)).view(b, hk, g, bq, tk).to(acc)
-            delta = (do_b.to(acc) * out[:, :, :, rows].to(acc)).sum(-1, keepdim=True)  # (B, hk, g, bq, 1)
-            ds = (p * (dp - delta) * scale).to(q.dtype).view(b, hk, g * bq, tk)
+            p = _probs(q_b, k, m5[..., rows, :] if m5 is not None else None)  # (B, hk, g·bq, Tk)
+            do_b = do5[:, :, :, rows].reshape(b, hk, g * bq, d)
+            dv += torch.matmul(p.transpose(-1, -2).to(do_b.dtype), do_b)  # (B, hk, Tk, d)
+            dp = torch.matmul(do_b, v.transpose(-1, -2)).to(p.dtype)  # (B, hk, g·bq, Tk)
+            ds = torch._softmax_backward_data(dp, p, -1, p.dtype)
             dq[:, :, :, rows] = torch.matmul(ds, k).view(b, hk, g, bq, d)
-            dk += torch.matmul(ds.transpose(-1, -2), q_b.reshape(b, hk, g * bq, d)).to(acc)
-        return dq.view(b, h, t, d), dk.to(k.dtype), dv.to(v.dtype), None, None
+            dk += torch.matmul(ds.transpose(-1, -2), q_b.reshape(b, hk, g * bq, d))
+        dq = (dq * ctx.scale).view(b, hk * g, t, d)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
 def blockwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
