@@ -49,3 +49,28 @@ def test_no_labelled_token_gives_zero_with_a_graph():
     loss = chunked_lm_loss(hidden, torch.full((1, 4), IGNORE), torch.randn(10, 8))
     loss.backward()
     assert loss.item() == 0 and hidden.grad is not None
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_a_deferred_head_gives_the_models_own_loss_and_gradients(tiny_dir, kind):
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.fast.lm_loss import defer_lm_head
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir(kind))
+    ids = torch.randint(5, 99, (2, 12))
+    labels = ids.clone()
+    labels[:, :5] = IGNORE
+    reference = model(input_ids=ids, labels=labels).loss
+    ref_grads = torch.autograd.grad(reference, list(model.parameters()))
+    undo = defer_lm_head(model)
+    assert undo is not None
+    ours = model(input_ids=ids, labels=labels).loss
+    grads = torch.autograd.grad(ours, list(model.parameters()))
+    torch.testing.assert_close(ours, reference)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    undo()
+    torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, reference)
+    assert model(input_ids=ids).logits.shape[-1] == model.config.vocab_size

@@ -81,3 +81,37 @@ def chunked_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Te
     if h.shape[0] == 0:  # no labelled token: a zero loss that still reaches the graph
         return hidden.sum() * 0.0
     return _ChunkedCrossEntropy.apply(h, weight, bias, targets, chunk)
+
+
+def defer_lm_head(model: torch.nn.Module):
+    """Make a causal LM's forward return its last hidden states as `logits` and compute `loss` with the
+    chunked head above; returns the undo function, or None when the model does not compute its loss
+    through transformers' `loss_function` over `lm_head` (encoder-decoders, custom heads).
+
+    Nothing is renamed: `lm_head` keeps its parameters (tied or not, trained or frozen), only its forward
+    is bypassed for the duration, so deltas and peft exports are unchanged."""
+    head = getattr(model, "lm_head", None)
+    if head is None or getattr(model.config, "is_encoder_decoder", False) or head is not model.get_output_embeddings() \
+            or not hasattr(type(model), "loss_function"):
+        return None
+
+    def loss(logits, labels, vocab_size=None, num_items_in_batch=None, shift_labels=None, **kwargs):
+        # logits: the (B, T, H) hidden states the bypassed head passed through
+        if shift_labels is not None:  # already aligned with the positions (packed rows)
+            mean = chunked_lm_loss(logits, shift_labels, head.weight, head.bias, shift=False)
+            scored = int((shift_labels != IGNORE).sum())
+        else:
+            mean = chunked_lm_loss(logits, labels, head.weight, head.bias)
+            scored = int((labels[:, 1:] != IGNORE).sum())
+        if num_items_in_batch is not None:  # a global token count (accumulation, ranks): sum / count
+            return mean * scored / num_items_in_batch
+        return mean
+
+    head.forward = lambda hidden: hidden
+    model.loss_function = loss
+
+    def undo() -> None:
+        del head.forward
+        del model._loss_function
+
+    return undo
