@@ -20,22 +20,21 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from deltatune.backbone import TaskModel, load_task_model, pick_device, resolve_pooling
 from deltatune.batching import Encoded, collate, encode, train_batches
-from deltatune.commands import TaskArgs
 from deltatune.config import TrainConfig
+from deltatune.data import TaskArgs
 from deltatune.errors import UserError
 from deltatune.evaluate import evaluate, forward_batch
-from deltatune.io import write_json_atomic, write_text_atomic
+from deltatune.io import claim_output, run_folder, write_json_atomic, write_text_atomic
 from deltatune.methods import resolve_method, s4
 from deltatune.methods.base import count_parameters, linear_dims, resolve_targets, trainable_state
+from deltatune.runtime import set_threads
 from deltatune.train import build_optimizer, seed_everything, warmup_linear
-from deltatune.workflow import set_threads
 
 DEFAULT_TASK = "rotten-tomatoes"
 DEFAULT_SIZES = {"train_size": 1000, "val_size": 300, "test_size": 500}
@@ -236,12 +235,14 @@ def search(*, budget: str = "0.5%", trials: int = 8, eta: int = 2, out: str = "r
         budget: Trainable parameters besides the head, as a share of the backbone: 0.5% or 0.005.
         trials: Designs to try (the paper's S4 design and random ones).
         eta: Successive-halving rate: each round keeps the best 1/eta and trains them eta times longer.
-        out: Output directory for search.json and search.md.
+        out: Output folder for search.json and search.md: a new path, an empty folder, or a search run
+            deltatune wrote; a file or any other folder is refused before the search.
         model: Hugging Face model folder or alias (default: the packaged all-MiniLM-L6-v2).
         baselines_: Methods trained at the same budget and steps for the final table (lora, adapter, full).
         threads: torch intra-op threads.
     """
     value = parse_budget(budget)
+    claim_output(out, "search")
     if trials < 1 or eta < 2:
         raise UserError("--trials must be at least 1 and --eta at least 2")
     set_threads(threads)
@@ -285,7 +286,7 @@ def search(*, budget: str = "0.5%", trials: int = 8, eta: int = 2, out: str = "r
     report = {"task": task.name, "budget": value, "budget_params": limit, "trials": trials, "eta": eta,
               "total_steps": run.total_steps, "trace": trace, "winner": winner.name,
               "candidates": [candidate_json(c) for c in candidates], "final": [candidate_json(c) for c in finalists]}
-    out_dir = Path(out)
+    out_dir = run_folder(out, "search")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "search.json", report)
     write_text_atomic(out_dir / "search.md", f"# deltatune search: {task.summary()}\n\n```\n" + "\n".join(trace)

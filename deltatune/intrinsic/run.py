@@ -19,10 +19,10 @@ from pathlib import Path
 
 from deltatune.backbone import resolve_pooling
 from deltatune.cliargs import to_argv
-from deltatune.commands import TaskArgs
 from deltatune.config import TrainConfig
+from deltatune.data import TaskArgs
 from deltatune.errors import UserError
-from deltatune.io import write_json_atomic, write_text_atomic
+from deltatune.io import claim_run, run_folder, write_json_atomic, write_text_atomic
 
 DEFAULT_TASK = "rotten-tomatoes"
 DEFAULT_SIZES = {"train_size": 1000, "val_size": 200, "test_size": 500}
@@ -136,7 +136,8 @@ def intrinsic(*, dims: str = "10,30,100,300,1000,3000", out: str = "runs/intrins
 
     Args:
         dims: Comma-separated subspace dimensions d.
-        out: Output directory for intrinsic.json, intrinsic.md, accuracy_vs_d.png and the deltas.
+        out: Output folder for intrinsic.json, intrinsic.md, accuracy_vs_d.png and the deltas: a new path,
+            an empty folder, or an intrinsic run deltatune wrote; a file or any other folder is refused.
         model: Hugging Face model folder or alias (default: the packaged all-MiniLM-L6-v2).
         pooling: auto (the model's sentence-transformers pooling if it declares one, else hf), hf
             (transformers' own head), mean, cls or last.
@@ -149,11 +150,12 @@ def intrinsic(*, dims: str = "10,30,100,300,1000,3000", out: str = "runs/intrins
         threads: torch intra-op threads per child process.
     """
     values = parse_dims(dims)
+    claim_run(out, "intrinsic", [f"d{d}" for d in values] + ["full"] * (full_accuracy is None) + ["head"] * with_head)
     data.default_to(DEFAULT_TASK, DEFAULT_SIZES)
     task = data.load(training.seed)
     pooling = resolve_pooling(model, pooling)  # MiniLM: mean (its BERT pooler was never trained)
     print(f"intrinsic: {task.summary()}; d in {values}", file=sys.stderr)
-    out_dir = Path(out)
+    out_dir = run_folder(out, "intrinsic")
     options = [f"said={said}", f"projection={projection}"] + ([f"exclude={exclude}"] if exclude else [])
     rows = []
     for d in values:

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from deltatune.errors import UserError
+from deltatune.io import claim_output
 from deltatune.notune.index import META_FILE, Hit, VectorIndex
 
 INSTRUCTION = "Answer in one or two sentences."
@@ -36,7 +37,8 @@ def index_command(action: str, query: str | None = None, *, docs: str | None = N
         action: build (chunk, embed and add --docs; adds to an existing index) or query (the k chunks nearest QUERY).
         query: The question to look up (with query).
         docs: A text file, or a folder of .txt/.md/.rst files (with build).
-        index: Index folder.
+        index: Index folder: a new path, an empty folder, or an index deltatune wrote (extended, or rebuilt
+            with --rebuild, and replaced atomically); a file or any other folder is refused.
         k: How many chunks a query returns.
         encoder: Encoder folder or alias (default: the index's own; a new index: all-MiniLM-L6-v2).
         chunk_words: Words per chunk (build).
@@ -50,6 +52,7 @@ def index_command(action: str, query: str | None = None, *, docs: str | None = N
     if action == "build":
         if not docs:
             raise UserError("index build needs --docs DIR|FILE")
+        claim_output(index, "index")
         documents = read_documents(docs)
         exists = (Path(index) / META_FILE).exists() and not rebuild
         store = VectorIndex.load(index) if exists else None

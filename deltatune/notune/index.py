@@ -111,7 +111,7 @@ class VectorIndex:
     def save(self, path: str | Path) -> Path:
         import faiss
 
-        with atomic_directory(path) as tmp:
+        with atomic_directory(path, "index") as tmp:
             faiss.write_index(self.index, str(tmp / FAISS_FILE))
             write_text_atomic(tmp / CHUNKS_FILE, "".join(json.dumps(self.records[i], ensure_ascii=False) + "\n"
                                                          for i in sorted(self.records)))

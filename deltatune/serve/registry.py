@@ -5,6 +5,8 @@
                               registered-at, the directory it was registered from
                        settings: the served model (a restart without --model serves the same one)
       deltas/NAME/     a copy of each registered delta directory (written atomically)
+      deltas/.NAME@host@pid@start@random.tmp   a copy being written; a restart removes those whose process
+                       died (same host, pid gone or reused), never a live process's (replicas may share it)
 
 The catalog is written only after the delta has been checked against the served backbone and copied,
 so it never names a delta that is not there.
@@ -21,7 +23,7 @@ from contextlib import closing
 from pathlib import Path
 
 from deltatune.errors import UserError
-from deltatune.io import atomic_directory
+from deltatune.io import atomic_directory, remove_stale_temporaries
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SCHEMA = """
@@ -53,6 +55,7 @@ class Registry:
         self.root = Path(root)
         self.deltas = self.root / "deltas"
         self.deltas.mkdir(parents=True, exist_ok=True)
+        self.removed_temporaries = remove_stale_temporaries(self.deltas)  # a killed registration's partial copy
         self.file = self.root / "catalog.sqlite"
         with closing(self._connect()) as db:
             db.executescript(SCHEMA)
