@@ -153,9 +153,28 @@ def manifest_kind(folder: str | Path) -> str | None:
     try:
         data = json.loads((Path(folder) / MANIFEST).read_text())
     except (OSError, ValueError):
-        return None
+        return legacy_kind(Path(folder))
     if isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT and data.get("kind") in KINDS:
         return data["kind"]
+    return legacy_kind(Path(folder))
+
+
+LEGACY_MARKERS = {"delta": ("delta.json", "deltatune.delta"), "index": ("index.json", "deltatune.index")}
+"""Folders written before the manifest existed carry their own format marker: a rerun may replace them."""
+
+
+def legacy_kind(folder: Path) -> str | None:
+    """The kind of an output an earlier deltatune wrote without a manifest (a delta or an index by their
+    format field; a compare run by its results.json + results.md + deltas/), or None."""
+    for kind, (name, marker) in LEGACY_MARKERS.items():
+        try:
+            data = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("format") == marker:
+            return kind
+    if all((folder / n).is_file() for n in ("results.json", "results.md")) and (folder / "deltas").is_dir():
+        return "compare"
     return None
 
 

@@ -201,3 +201,14 @@ def test_rerunning_compare_into_its_own_folder(tiny_dir, toy_csv, tmp_path):
     assert json.loads((tmp_path / "cmp" / MANIFEST).read_text())["kind"] == "compare"
     assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == [
         MANIFEST, "accuracy_vs_params.png", "deltas", "results.json", "results.md"]
+
+
+def test_an_output_written_before_manifests_existed_is_replaced(tiny_dir, toy_csv, tmp_path):
+    """A delta an earlier version wrote (no manifest, its delta.json format marker) is ours: a rerun replaces it."""
+    old = tmp_path / "old"
+    shutil.copytree(Path(__file__).parent / "data" / "legacy" / "bert-lora", old)
+    assert not (old / MANIFEST).exists()
+    proc = run("train", "--method", "bitfit", "--model", tiny_dir("bert"), "--data", toy_csv, "--epochs", "1",
+               "--train-size", "32", "--no-progress", "--out", str(old))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((old / "delta.json").read_text())["method"] == "bitfit" and (old / MANIFEST).exists()
