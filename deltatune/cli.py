@@ -56,27 +56,20 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from deltatune.cliargs import call_with
-    from deltatune.config import load_config_file
+    from deltatune.cliargs import call_with, command_parsers, parse_command_line
+    from deltatune.config import config_defaults, load_config_file
 
     argv = sys.argv[1:] if argv is None else argv
     parser = make_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parse_command_line(parser, argv)
         if args.command is None:
             parser.print_help()
             sys.exit(2)
         if args.config:
-            sub = parser._subparsers._group_actions[0].choices[args.command]
-            known = {a.dest for a in sub._actions}
-            defaults = {}
-            for key, value in load_config_file(args.config).items():
-                dest = next((d for d in known if d == key or d.endswith("." + key)), None)
-                if dest is None:
-                    raise UserError(f"config file {args.config}: unknown option '{key}' for {args.command}")
-                defaults[dest] = value
-            sub.set_defaults(**defaults)
-            args = parser.parse_args(argv)
+            sub = command_parsers(parser)[args.command]
+            sub.set_defaults(**config_defaults(load_config_file(args.config), sub, args.config, args.command))
+            args = parse_command_line(parser, argv)
         code = call_with(args._func, args)
     except UserError as exc:
         print(f"deltatune: error: {exc}", file=sys.stderr)

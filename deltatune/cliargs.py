@@ -4,7 +4,9 @@
 - `name: int = 3` -> `--name 3`; `snake_case` -> `--snake-case`; a trailing `_` is dropped (`json_` -> `--json`);
 - `bool` -> a switch (`--no-x` form when the default is True); `list[str]` -> repeatable flag;
 - a dataclass-typed parameter expands into one flag per field, documented by the field's docstring;
-- help text comes from the docstring's `Args:` section.
+- help text comes from the docstring's `Args:` section;
+- valid ranges (deltatune/options.py) come from `option(...)` fields and `Annotated[int, Range(ge=1)]`
+  parameters: shown in --help, checked before the command runs (a one-line UserError).
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import textwrap
 import typing
 from collections.abc import Callable
 from functools import cache
-from typing import Any
+from typing import Annotated, Any
+
+from deltatune.errors import UserError
+from deltatune.options import Range, describe, is_integer_type, range_of, validate
 
 
 def flag(name: str) -> str:
@@ -59,10 +64,19 @@ def arg_docs(func: Callable) -> dict[str, str]:
 
 
 def _base_type(hint: Any) -> Any:
+    if typing.get_origin(hint) is Annotated:
+        return _base_type(typing.get_args(hint)[0])
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
-        return args[0]
+        return _base_type(args[0])
     return hint
+
+
+def param_range(hint: Any) -> Range | None:
+    """The Range of an `Annotated[int, Range(...)]` parameter (also inside `| None`), or None."""
+    if typing.get_origin(hint) is Annotated:
+        return next((m for m in typing.get_args(hint)[1:] if isinstance(m, Range)), None)
+    return next((r for r in map(param_range, typing.get_args(hint)) if r is not None), None)
 
 
 def help_safe(text: str) -> str:
@@ -71,8 +85,8 @@ def help_safe(text: str) -> str:
 
 
 def _add(parser: argparse.ArgumentParser, name: str, hint: Any, default: Any, help_text: str,
-         positional: bool, dest: str) -> None:
-    help_text = help_safe(help_text)
+         positional: bool, dest: str, bounds: Range | None = None) -> None:
+    help_text = help_safe(" ".join(t for t in (help_text, describe(bounds)) if t))
     base = _base_type(hint)
     origin = typing.get_origin(base)
     if positional:
@@ -100,7 +114,7 @@ def _add(parser: argparse.ArgumentParser, name: str, hint: Any, default: Any, he
 
 def build_parser(parser: argparse.ArgumentParser, func: Callable) -> None:
     docs = arg_docs(func)
-    hints = typing.get_type_hints(func)
+    hints = typing.get_type_hints(func, include_extras=True)
     for name, param in inspect.signature(func).parameters.items():
         hint = hints.get(name, str)
         if dataclasses.is_dataclass(hint):
@@ -108,25 +122,49 @@ def build_parser(parser: argparse.ArgumentParser, func: Callable) -> None:
             fdocs, fhints = field_docs(hint), typing.get_type_hints(hint)
             for f in dataclasses.fields(hint):
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                _add(group, f.name, fhints[f.name], default, fdocs.get(f.name, ""), False, f"{name}.{f.name}")
+                _add(group, f.name, fhints[f.name], default, fdocs.get(f.name, ""), False, f"{name}.{f.name}",
+                     range_of(f))
             continue
         positional = param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
-        _add(parser, name, hint, param.default, docs.get(name, ""), positional, name)
+        _add(parser, name, hint, param.default, docs.get(name, ""), positional, name, param_range(hint))
 
 
 def call_with(func: Callable, namespace: argparse.Namespace) -> Any:
+    """Call `func` with the parsed flags, every value checked against its declared range first."""
     values = vars(namespace)
-    hints = typing.get_type_hints(func)
+    hints = typing.get_type_hints(func, include_extras=True)
     kwargs: dict[str, Any] = {}
     for name in inspect.signature(func).parameters:
         hint = hints.get(name, str)
         if dataclasses.is_dataclass(hint):
             prefix = name + "."
             kwargs[name] = hint(**{k[len(prefix):]: v for k, v in values.items() if k.startswith(prefix)})
+            validate(kwargs[name], name=flag)
         else:
-            value = values[name]
-            kwargs[name] = value if value is not None or name not in values else value
+            kwargs[name] = values[name]
+            bounds = param_range(hint)
+            problem = bounds.problem(kwargs[name], is_integer_type(hint)) if bounds is not None else None
+            if problem is not None:
+                raise UserError(f"{flag(name)} {problem}")
     return func(**kwargs)
+
+
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse `COMMAND ...` with options and positionals in any order (`predict DELTA --json "text"`).
+
+    argparse cannot intermix across subparsers, so the command's own parser does the intermixed parse."""
+    commands = command_parsers(parser)
+    if not argv or argv[0] not in commands:
+        return parser.parse_args(argv)  # --help, or a missing/unknown command: argparse's own message
+    namespace = commands[argv[0]].parse_intermixed_args(argv[1:])
+    namespace.command = argv[0]
+    return namespace
+
+
+def command_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The sub-parsers of a parser built with add_subparsers, by command name."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
 
 
 def to_argv(instance: Any) -> list[str]:

@@ -5,53 +5,17 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
+from deltatune.commands_lm import evaluate_generation
 from deltatune.config import TrainConfig
-from deltatune.data import TaskData, load_task
+from deltatune.data import TaskArgs, TaskData
+from deltatune.data.templates import PromptArgs, prompt_options
 from deltatune.errors import UserError
 from deltatune.io import claim_output
-from deltatune.notune.templates import PromptArgs
-
+from deltatune.options import AtLeastOne, NonNegative
 
 DEFAULT_TASK = "rotten-tomatoes"
-"""`train`'s task when neither --task nor --data is given (compare's too)."""
-
-
-@dataclass
-class TaskArgs:
-    task: str | None = None
-    """Built-in task: rotten-tomatoes, bbc-news, chatterbot."""
-    data: str | None = None
-    """A CSV, TSV or JSONL file of your own (instead of --task)."""
-    text_column: str = "text"
-    """Column holding the text (with --data)."""
-    text_pair_column: str | None = None
-    """Column holding the second text of a pair task (with --data)."""
-    label_column: str = "label"
-    """Column holding the label (with --data)."""
-    train_size: int | None = None
-    """Subsample the training split to N examples (stratified)."""
-    val_size: int | None = None
-    """Subsample the validation split to N examples (stratified)."""
-    test_size: int | None = None
-    """Subsample the test split to N examples (stratified)."""
-
-    def load(self, seed: int = 0, default_task: str | None = None) -> TaskData:
-        task = self.task if (self.task or self.data) else default_task
-        return load_task(task, data=self.data, text_column=self.text_column,
-                         text_pair_column=self.text_pair_column, label_column=self.label_column,
-                         train_size=self.train_size, val_size=self.val_size, test_size=self.test_size,
-                         seed=seed)
-
-    def default_to(self, task: str, sizes: dict[str, int]) -> None:
-        """With neither --task nor --data: `task`, subsampled to `sizes` where no size was given."""
-        if not (self.task or self.data):
-            self.task = task
-            for key, value in sizes.items():
-                if getattr(self, key) is None:
-                    setattr(self, key, value)
+"""`train`'s task when neither --task nor --data is given (as compare's)."""
 
 
 def parse_options(pairs: list[str] | None) -> dict[str, str]:
@@ -67,8 +31,8 @@ def parse_options(pairs: list[str] | None) -> dict[str, str]:
 
 def train(*, method: str = "lora", out: str, data: TaskArgs, training: TrainConfig, prompt: PromptArgs,
           model: str | None = None,
-          pooling: str = "hf", unfreeze_last: int | None = None, set_: list[str] | None = None,
-          threads: int | None = None, json_: bool = False) -> int:
+          pooling: str = "hf", unfreeze_last: NonNegative | None = None, set_: list[str] | None = None,
+          threads: AtLeastOne | None = None, json_: bool = False) -> int:
     """Train one method on a task (default: rotten-tomatoes, as compare) and write its delta directory.
 
     Args:
@@ -84,8 +48,8 @@ def train(*, method: str = "lora", out: str, data: TaskArgs, training: TrainConf
         json_: Print the metrics as JSON.
     """
     from deltatune.methods import resolve_method
-    from deltatune.notune.templates import prompt_options
-    from deltatune.workflow import TrainJob, run_train_job, set_threads
+    from deltatune.runtime import set_threads
+    from deltatune.workflow import TrainJob, run_train_job
 
     claim_output(out, "delta")
     set_threads(threads)
@@ -93,7 +57,8 @@ def train(*, method: str = "lora", out: str, data: TaskArgs, training: TrainConf
     options = {**prompt_opts, **parse_options(set_)}
     if unfreeze_last is not None:
         options["unfreeze_last"] = unfreeze_last
-    task = data.load(training.seed, default_task=DEFAULT_TASK)  # generation tasks (chatterbot) train an LM on the answer tokens
+    resolve_method(method, options)  # every option within its range before the data loads
+    task = data.load(training.seed, default_task=DEFAULT_TASK)  # chatterbot: an LM trained on the answers
     print(task.summary(), file=sys.stderr)
     metrics = run_train_job(TrainJob(method=method, task=task, model=model, pooling=pooling,
                                      options=options, train=training, prompt=prompt), out)
@@ -122,7 +87,8 @@ def print_eval(metrics: dict, meta: dict, task: TaskData, split: str, examples: 
 
 
 def evaluate(delta: str, *, data: TaskArgs, split: str = "test", model: str | None = None,
-             batch_size: int = 64, precision: str = "fp32", device: str = "auto", json_: bool = False) -> int:
+             batch_size: AtLeastOne = 64, precision: str = "fp32", device: str = "auto", progress: bool = True,
+             json_: bool = False) -> int:
     """Evaluate a delta on a task's split (default: the delta's own task).
 
     Args:
@@ -132,23 +98,24 @@ def evaluate(delta: str, *, data: TaskArgs, split: str = "test", model: str | No
         batch_size: Evaluation batch size.
         precision: fp32 or bf16.
         device: auto, cpu or cuda.
+        progress: Show a progress bar (on stderr).
         json_: Print the metrics as JSON.
     """
     from deltatune.backbone import pick_device
     from deltatune.batching import encode
     from deltatune.delta import read_meta
-    from deltatune.loading import load_delta
     from deltatune.evaluate import evaluate as run_eval
-    from deltatune.notune.job import load_strategy, strategy_metrics
+    from deltatune.loading import load_delta, load_strategy
+    from deltatune.notune.job import strategy_metrics
 
     meta = read_meta(delta)
     task = data.load(default_task=meta["task"]["name"] if not (data.task or data.data) else None)
     if split not in ("train", "validation", "test"):
         raise UserError(f"--split must be train, validation or test, not '{split}'")
     if meta["backbone"].get("pooling") == "lm":  # a generation delta: loss and perplexity of the answers
-        from deltatune.commands_lm import evaluate_generation
-
-        return evaluate_generation(delta, meta, task, split, model, batch_size, precision, device, json_)
+        metrics, examples = evaluate_generation(delta, task, split, model, batch_size, precision, device)
+        return print_eval(metrics, meta, task, split, examples, json_,
+                          lambda: f"loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f}")
     examples = remap_labels(getattr(task, split), task.label_names, meta["task"]["label_names"])
     strategy = load_strategy(delta, meta, model, pick_device(device), precision, batch_size)  # icl, knn
     if strategy is not None:
@@ -157,7 +124,7 @@ def evaluate(delta: str, *, data: TaskArgs, split: str = "test", model: str | No
         loaded = load_delta(delta, model=model, device=pick_device(device))
         max_length = meta.get("train_config", {}).get("max_length", 128)
         rows = encode(loaded.task_model.tokenizer, examples, max_length, split)
-        metrics = run_eval(loaded.task_model, rows, batch_size, precision)
+        metrics = run_eval(loaded.task_model, rows, batch_size, precision, progress=progress)
     return print_eval(metrics, meta, task, split, len(rows), json_,
                       lambda: f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")
 
@@ -174,7 +141,7 @@ def remap_labels(examples, data_labels: list[str], delta_labels: list[str]):
 
 
 def predict(delta: str, texts: list[str] = (), *, file: str | None = None, model: str | None = None,
-            batch_size: int = 64, device: str = "auto", json_: bool = False) -> int:
+            batch_size: AtLeastOne = 64, device: str = "auto", json_: bool = False) -> int:
     """Predict labels for texts given as arguments, in a file (one per line), or on stdin.
 
     Args:
@@ -187,19 +154,16 @@ def predict(delta: str, texts: list[str] = (), *, file: str | None = None, model
         json_: Print a JSON list of {text, label, probabilities}.
     """
     from deltatune.backbone import pick_device
+    from deltatune.data.files import read_text
     from deltatune.delta import read_meta
-    from deltatune.loading import load_delta
-    from deltatune.notune.job import load_strategy, predict_with_strategy
-    from deltatune.predict import predict_texts
+    from deltatune.loading import load_delta, load_strategy
+    from deltatune.notune.job import predict_with_strategy
+    from deltatune.predict import check_texts, predict_texts
 
     texts = list(texts)
+    check_texts(texts)  # `predict ""`: nothing to classify
     if not texts:
-        if file:
-            if not Path(file).exists():
-                raise UserError(f"file not found: {file}")
-            lines = Path(file).read_text(encoding="utf-8", errors="replace").splitlines()
-        else:
-            lines = sys.stdin.read().splitlines()
+        lines = read_text(file).splitlines() if file else sys.stdin.read().splitlines()  # strict UTF-8, as --data
         texts = [line for line in lines if line.strip()]
     if not texts:
         raise UserError("no text to predict: give texts as arguments, --file, or lines on stdin")

@@ -11,17 +11,17 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from deltatune.backbone import resolve_pooling
 from deltatune.cliargs import to_argv
-from deltatune.commands import TaskArgs
+from deltatune.commands import parse_options
 from deltatune.config import TrainConfig
-from deltatune.data import GENERATION
+from deltatune.data import GENERATION, TaskArgs
+from deltatune.data.templates import PromptArgs, prompt_argv, split_prompt_args
 from deltatune.errors import UserError
-from deltatune.io import write_json_atomic, write_text_atomic
+from deltatune.io import claim_run, run_folder, write_json_atomic, write_text_atomic
 from deltatune.methods import REGISTRY, method_names, resolve_method
-from deltatune.notune.templates import PromptArgs, prompt_argv
+from deltatune.options import AtLeastOne
 from deltatune.report import add_inference_overhead, markdown_table, plot_accuracy_vs_params
 
 DEFAULT_METHODS = "features,head,last2,full,lora,bitfit"
@@ -44,14 +44,26 @@ def options_for(method: str, pairs: list[str] | None) -> list[str]:
     return chosen
 
 
+def check_options(name: str, pairs: list[str] | None, prompt: PromptArgs) -> None:
+    """Resolve a method with the options its `train` child would get: a bad one is a UserError naming it."""
+    method, _ = resolve_method(name)
+    options = {**split_prompt_args(method, prompt)[0], **parse_options(options_for(name, pairs))}
+    try:
+        resolve_method(name, options)
+    except UserError as exc:
+        raise UserError(f"{name}: {exc}") from exc
+
+
 def compare(*, methods: str = DEFAULT_METHODS, out: str = "runs/compare", data: TaskArgs, training: TrainConfig,
             prompt: PromptArgs, model: str | None = None, pooling: str = "auto", set_: list[str] | None = None,
-            threads: int | None = None) -> int:
+            threads: AtLeastOne | None = None) -> int:
     """Train several methods on the same task and split; print and plot the comparison.
 
     Args:
         methods: Comma-separated methods, or 'all'.
-        out: Output directory for results.json, results.md, the plot and each method's delta.
+        out: Output folder for results.json, results.md, the plot and each method's delta (DIR/deltas/METHOD,
+            replaced atomically): a new path, an empty folder, or a compare run deltatune wrote; a file or
+            any other folder is refused before training.
         model: Hugging Face model folder or alias (default: the packaged all-MiniLM-L6-v2).
         pooling: auto (the model's sentence-transformers pooling if it declares one, else hf), hf
             (transformers' own head), mean, cls or last.
@@ -59,8 +71,10 @@ def compare(*, methods: str = DEFAULT_METHODS, out: str = "runs/compare", data: 
         threads: torch intra-op threads per child process.
     """
     names = method_names() if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()]
-    for name in names:
-        resolve_method(name)  # unknown names fail before any training starts
+    for name in names:  # unknown names, bad options or flags: refused before any training starts
+        check_options(name, set_, prompt)
+    training.validate()
+    claim_run(out, "compare", names)  # and an output path deltatune may not write over
     if not (data.task or data.data):
         data.task = DEFAULT_TASK
         for key, value in DEFAULT_SIZES.items():
@@ -71,7 +85,7 @@ def compare(*, methods: str = DEFAULT_METHODS, out: str = "runs/compare", data: 
         pooling = "hf"  # train uses the LM head for generation tasks whatever --pooling says
     pooling = resolve_pooling(model, pooling)
     print(f"compare: {task.summary()}; methods: {', '.join(names)}", file=sys.stderr)
-    out_dir = Path(out)
+    out_dir = run_folder(out, "compare")
     rows: list[dict] = []
     for name in names:
         argv = [sys.executable, "-m", "deltatune", "train", "--method", name, "--out",

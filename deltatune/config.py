@@ -2,35 +2,38 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from deltatune.errors import UserError
+from deltatune.options import option
+from deltatune.options import validate as validate_options
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 3
+    epochs: int = option(3, ge=1)
     """Passes over the training split."""
-    batch_size: int = 32
+    batch_size: int = option(32, ge=1)
     """Examples per optimizer step (before gradient accumulation)."""
-    grad_accum: int = 1
+    grad_accum: int = option(1, ge=1)
     """Micro-batches whose gradients are summed before one optimizer step."""
-    lr: float | None = None
+    lr: float | None = option(None, gt=0)
     """Peak learning rate; None uses the method's DEFAULT_LR."""
-    weight_decay: float = 0.01
+    weight_decay: float = option(0.01, ge=0)
     """AdamW decoupled weight decay (not applied to biases and norms)."""
-    warmup_ratio: float = 0.06
+    warmup_ratio: float = option(0.06, ge=0, le=1)
     """Fraction of steps with a linear warm-up from 0 to lr; then linear decay to 0."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = option(1.0, ge=0)
     """Gradient clipping norm (0 disables)."""
-    max_length: int = 128
+    max_length: int = option(128, ge=1)
     """Tokens per example after truncation; batches pad only to their longest row."""
-    seed: int = 0
+    seed: int = option(0, ge=0, lt=2**32)
     """Seeds Python, NumPy and torch: the same seed gives the same delta."""
-    precision: str = "auto"
+    precision: str = option("auto", choices=("auto", "fp32", "bf16"))
     """auto (bf16 where the hardware runs it natively: CUDA with bf16, a CPU with AVX512-BF16/AMX; else
     fp32), fp32, or bf16: frozen weights stored in bf16, trainable parameters and optimizer state in fp32,
     norms, softmax sums and the loss in fp32 (`deltatune/fast`)."""
@@ -47,28 +50,23 @@ class TrainConfig:
     """torch.compile the training forward (a one-off compile of about a minute; widths padded to buckets)."""
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda, cuda:N."""
-    eval_batch_size: int = 64
+    eval_batch_size: int = option(64, ge=1)
     """Batch size for validation and test."""
-    cache: str = "auto"
+    cache: str = option("auto", choices=("auto", "memory", "disk", "off"))
     """Frozen-prefix cache: auto (memory, spilling to disk past cache_max_mb), memory, disk, off."""
-    cache_max_mb: float = 1024
+    cache_max_mb: float = option(1024, ge=0)
     """Memory bound of the frozen-prefix cache before it spills to disk."""
     progress: bool = True
     """Show a progress bar with loss and throughput."""
 
     def validate(self) -> TrainConfig:
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise UserError(f"--precision must be auto, fp32 or bf16, not '{self.precision}'")
+        """Every field within its declared range (named as its flag), then the checks a range cannot say."""
+        validate_options(self, name=lambda field: "--" + field.replace("_", "-"))
         from deltatune.fast import attention, parse_dropout
 
         if self.attention not in attention.CHOICES:
             raise UserError(f"--attention must be one of {', '.join(attention.CHOICES)}, not '{self.attention}'")
         parse_dropout(self.dropout)
-        if self.cache not in ("auto", "memory", "disk", "off"):
-            raise UserError(f"--cache must be auto, memory, disk or off, not '{self.cache}'")
-        for name in ("epochs", "batch_size", "grad_accum", "max_length", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,3 +95,20 @@ def load_config_file(path: str | None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of flag names to values")
     return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def config_defaults(values: dict[str, Any], parser: argparse.ArgumentParser, path: str,
+                    command: str) -> dict[str, Any]:
+    """A config file's keys as defaults of a command's parser: a key is a flag name (`lr`, `batch-size`,
+    `set`); a repeatable flag takes a list, one value, or a mapping (`set: {r: 16}` means --set r=16)."""
+    actions = {action.dest: action for action in parser._actions}
+    defaults: dict[str, Any] = {}
+    for key, value in values.items():
+        dest = next((d for d in actions if key in (d, d.rstrip("_")) or d.endswith("." + key)), None)
+        if dest is None:
+            raise UserError(f"config file {path}: unknown option '{key}' for {command}")
+        if isinstance(actions[dest], argparse._AppendAction):
+            items = [f"{k}={v}" for k, v in value.items()] if isinstance(value, dict) else value
+            value = [str(v) for v in (items if isinstance(items, list) else [items])]
+        defaults[dest] = value
+    return defaults

@@ -7,6 +7,7 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from deltatune.backbone import TaskModel
 from deltatune.batching import Encoded, collate, eval_batches
@@ -32,8 +33,10 @@ def forward_batch(task_model: TaskModel, batch: dict, cache: FrozenPrefixCache |
 
 @torch.no_grad()
 def predict_logits(task_model: TaskModel, rows: list[Encoded], batch_size: int = 64,
-                   precision: str = "fp32", cache: FrozenPrefixCache | None = None) -> torch.Tensor:
-    """(N, K) float32 logits for rows, in the order of `rows` (batches are length-sorted inside)."""
+                   precision: str = "fp32", cache: FrozenPrefixCache | None = None,
+                   progress: bool = False) -> torch.Tensor:
+    """(N, K) float32 logits for rows, in the order of `rows` (batches are length-sorted inside);
+    `progress` shows a bar on stderr, as training does."""
     module = task_model.module
     was_training = module.training
     module.eval()
@@ -42,7 +45,8 @@ def predict_logits(task_model: TaskModel, rows: list[Encoded], batch_size: int =
     lengths = [len(r.input_ids) for r in rows]
     out = torch.empty((len(rows), task_model.num_labels), dtype=torch.float32)
     try:
-        for idx in eval_batches(lengths, batch_size):
+        for idx in tqdm(eval_batches(lengths, batch_size), desc="evaluating", unit="batch", leave=False,
+                        disable=not progress):
             batch = collate([rows[i] for i in idx], pad_id, device)
             batch.pop("labels", None)
             with autocast_for(device, precision):
@@ -66,10 +70,10 @@ def classification_metrics(logits: torch.Tensor, labels: list[int], num_labels: 
 
 
 def evaluate(task_model: TaskModel, rows: list[Encoded], batch_size: int = 64, precision: str = "fp32",
-             cache: FrozenPrefixCache | None = None) -> dict[str, float]:
+             cache: FrozenPrefixCache | None = None, progress: bool = False) -> dict[str, float]:
     """Accuracy, macro-F1 and inference time per example on labelled rows."""
     start = time.perf_counter()
-    logits = predict_logits(task_model, rows, batch_size, precision, cache)
+    logits = predict_logits(task_model, rows, batch_size, precision, cache, progress)
     seconds = time.perf_counter() - start
     metrics = classification_metrics(logits, [r.label for r in rows], task_model.num_labels)
     metrics["inference_ms_per_example"] = 1000 * seconds / max(1, len(rows))

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from deltatune.batching import encode
 from deltatune.data import Example
 from deltatune.delta import LoadedDelta
+from deltatune.errors import UserError
 from deltatune.evaluate import predict_logits
+
+
+def check_texts(texts: Sequence[str], what: str = "text", first: int = 1) -> None:
+    """Refuse an empty or blank text (the CLI's arguments and lines, the server's items): one rule for both."""
+    for i, text in enumerate(texts, start=first):
+        if not text.strip():
+            raise UserError(f"{what} {i} is empty: there is nothing to predict from")
 
 
 def predict_texts(loaded: LoadedDelta, texts: list[str], batch_size: int = 64) -> list[dict]:

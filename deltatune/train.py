@@ -175,6 +175,14 @@ def describe(metrics: dict[str, float]) -> str:
     return f"loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f}"
 
 
+def check_finite(loss: torch.Tensor, method: str, step: int, epoch: int, lr: float) -> None:
+    """Stop training at a nan/inf loss (before its backward): a delta trained on it would be garbage."""
+    value = loss.item()
+    if not math.isfinite(value):
+        raise UserError(f"training {method} stopped: the loss is {value} at optimizer step {step} (epoch {epoch}, "
+                        f"learning rate {lr:.3g}); no delta was written. Lower the learning rate (--lr)")
+
+
 def _gradient_loop(task_model, method, method_config, train, validation, config, cache, start, cache_info):
     module, device = task_model.module, task_model.device()
     lr = config.lr if config.lr is not None else method.default_lr(method_config)
@@ -206,6 +214,7 @@ def _gradient_loop(task_model, method, method_config, train, validation, config,
                 loss = forward(batch).loss
                 extra = method.extra_loss(task_model, method_config)  # a regulariser (AdaLoRA: orthogonality)
                 total = loss if extra is None else loss + extra
+            check_finite(total, method.NAME, step + 1, epoch, optimizer.param_groups[0]["lr"])
             (total.float() / config.grad_accum).backward()
             epoch_loss += loss.item() * len(idx)
             seen += len(idx)

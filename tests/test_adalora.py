@@ -104,7 +104,12 @@ def test_orthogonality_regulariser_is_added_by_the_training_loop(tiny_dir, toy_c
     assert method.extra_loss(tm, adalora.Config(orth_reg_weight=0.0)).item() == 0.0
     calls = []
     real = adalora.extra_loss
-    monkeypatch.setattr(adalora, "extra_loss", lambda *a: calls.append(1) or real(*a))
+    from dataclasses import replace
+
+    from deltatune import methods
+
+    counted = replace(methods.REGISTRY["adalora"], extra_loss=lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setitem(methods.REGISTRY, "adalora", counted)
     task = load_task(data=toy_csv, train_size=16, val_size=8, test_size=8)
     run_train_job(TrainJob(method="adalora", task=task, model=tiny_dir("bert"),
                            train=TrainConfig(epochs=1, batch_size=8, progress=False)), tmp_path / "d")

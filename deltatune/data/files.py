@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,11 +46,26 @@ def task_name_for_file(path: Path) -> str:
     return path.name[: -len(suffix)] if suffix else path.stem
 
 
-def open_text(path: Path, suffix: str) -> IO[str]:
-    # utf-8-sig drops the byte-order mark that spreadsheet programs put at the start of CSV exports.
-    if suffix.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
-    return open(path, encoding="utf-8-sig", newline="")
+def read_text(path: str | Path) -> str:
+    """A user's text file (`train --data`, `predict --file`; .gz unpacked): strict UTF-8, one rule for all.
+
+    A byte-order mark (spreadsheet CSV exports) is dropped; invalid UTF-8 is a UserError naming the file
+    and the line, never replacement characters."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"file not found: {path}")
+    if not path.is_file():
+        raise UserError(f"not a file: {path}")
+    try:
+        data = gzip.decompress(path.read_bytes()) if path.name.lower().endswith(".gz") else path.read_bytes()
+    except (OSError, EOFError) as error:  # unreadable file, corrupt gzip stream
+        raise UserError(f"cannot read {path}: {error}") from error
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise UserError(f"{path}: line {line} is not valid UTF-8 (byte {error.start}: "
+                        f"{data[error.start:error.start + 1]!r}); save the file as UTF-8") from error
 
 
 def read_delimited(handle: IO[str], path: Path, delimiter: str) -> tuple[list[str], list[RawRow]]:
@@ -98,15 +114,10 @@ def read_raw_rows(path: Path) -> tuple[list[str], list[RawRow]]:
         raise UserError(
             f"unsupported data file type: {path.name} (supported: {', '.join(SUPPORTED_SUFFIXES)})"
         )
-    try:
-        with open_text(path, suffix) as handle:
-            if suffix.startswith(".jsonl"):
-                return read_jsonl(handle, path)
-            return read_delimited(handle, path, "\t" if suffix.startswith(".tsv") else ",")
-    except UnicodeDecodeError as error:
-        raise UserError(f"{path} is not valid UTF-8 text (byte {error.start}); save it as UTF-8") from error
-    except (OSError, EOFError) as error:  # unreadable file, corrupt gzip stream
-        raise UserError(f"cannot read {path}: {error}") from error
+    handle = io.StringIO(read_text(path), newline="")
+    if suffix.startswith(".jsonl"):
+        return read_jsonl(handle, path)
+    return read_delimited(handle, path, "\t" if suffix.startswith(".tsv") else ",")
 
 
 def cell_text(value: Any, column: str, location: str, path: Path) -> str:
@@ -143,6 +154,11 @@ def read_labelled_file(
 ) -> list[LabelledRow]:
     """Read and validate every row of a labelled data file, in file order."""
     path = Path(path)
+    flags = [("--text-column", text_column), ("--text-pair-column", text_pair_column), ("--label-column", label_column)]
+    for i, (flag, column) in enumerate(flags):
+        other = next((f for f, c in flags[i + 1:] if column is not None and c == column), None)
+        if other:
+            raise UserError(f"{flag} and {other} both name column '{column}': each role needs its own column")
     columns, rows = read_raw_rows(path)
     if not rows:
         raise UserError(f"{path} has no data rows")

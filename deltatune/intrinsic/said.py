@@ -26,6 +26,7 @@ from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
 from deltatune.intrinsic.projection import KINDS, Projection, make_projection
 from deltatune.methods.base import train_head
+from deltatune.options import option
 
 NAME = "intrinsic"
 DEFAULT_LR = 2e-2
@@ -37,13 +38,13 @@ MODULE = "intrinsic"
 
 @dataclass
 class Config:
-    dim: int = 1000
+    dim: int = option(1000, ge=1)
     """d, the trainable dimensions (SAID: d - m through P, plus m per-tensor scales)."""
-    projection: str = "auto"
+    projection: str = option("auto", choices=KINDS)
     """P: dense (Gaussian, kept in memory), fastfood (matrix-free) or auto (dense while D·d <= 2^24)."""
     said: bool = False
     """Structure-aware (SAID): one trainable scale λ_i per weight tensor."""
-    seed: int = 0
+    seed: int = option(0, ge=0, lt=2**32)
     """Seed that regenerates P: the delta stores it, never P."""
     exclude: tuple[str, ...] = ()
     """Parameter-name suffixes left out of θ (stay frozen), e.g. word_embeddings.weight."""

@@ -304,7 +304,8 @@ def _coerce(raw: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if origin in (list, tuple) or (args and typing.get_origin(args[0]) in (list, tuple)):
-        return tuple(s.strip() for s in raw.split(",") if s.strip())
+        item = (typing.get_args(hint if origin in (list, tuple) else args[0]) or (str,))[0]  # `layers=0,1`: ints
+        return tuple(_coerce(s.strip(), item, key) for s in raw.split(",") if s.strip())
     target = args[0] if args and origin is not None else hint
     try:
         if target is bool:
@@ -319,3 +320,54 @@ def _coerce(raw: Any, hint: Any, key: str) -> Any:
 def config_dict(config: Any) -> dict[str, Any]:
     """A JSON-ready dict of a method config (tuples become lists)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+# ---- row sites: one pass in which every row carries its own task's delta (the serve engine) ------------
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The tensors of a batch at one site: one task's payload unbatched (every row has that delta), or
+    gathered per row, (H, ...) for the rows whose task has a delta here, `hit` (H,) indices into the
+    batch (None: every row). Rows without a delta here are not computed: they pass through."""
+
+    tensors: tuple[torch.Tensor, ...]
+    hit: torch.Tensor | None = None
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, ...) -> the hit rows (H, ...)."""
+        return x if self.hit is None else x.index_select(0, self.hit)
+
+    def put(self, full: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+        """full (B, ...) with the hit rows replaced by part (H, ...)."""
+        return part if self.hit is None else full.index_copy(0, self.hit, part)
+
+    def add(self, full: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+        """full (B, ...) plus part (H, ...) at the hit rows."""
+        return full + part if self.hit is None else full.index_add(0, self.hit, part)
+
+    def spread(self, part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """part (H, ...) at the hit rows, zeros elsewhere: (B, ...) shaped like `like`."""
+        return part if self.hit is None else like.new_zeros(like.shape).index_copy(0, self.hit, part)
+
+
+@typing.runtime_checkable
+class RowSite(typing.Protocol):
+    """A module a method inserts into the backbone (LoRALinear, SVDLinear, IA3Linear, AdapterLayer) that
+    can also run a batch whose rows carry different tasks' deltas, or none. Its class offers, beside
+    its training forward:
+
+        ROW_FILL      per payload tensor, the value of a row without this delta (the identity)
+        row_key()     sites with equal keys batch together: same payload layout and row_forward
+        row_payload() this task's tensors here, detached; the engine stacks them per key (zero-padded)
+        row_forward(key, inner, rows, *args, **kwargs)   (a staticmethod) the frozen `inner` module's
+                      call with the deltas of `rows` applied: the same math as the training forward
+    """
+
+    ROW_FILL: tuple[float, ...]
+
+    def row_key(self) -> str: ...
+
+    def row_payload(self) -> tuple[torch.Tensor, ...]: ...
+
+    def row_forward(self, key: str, inner: nn.Module, rows: Rows, *args: Any, **kwargs: Any) -> Any: ...

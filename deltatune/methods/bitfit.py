@@ -15,6 +15,7 @@ from torch import nn
 from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
 from deltatune.methods.base import layer_of, layer_selection, train_head
+from deltatune.options import option
 
 NAME = "bitfit"
 DEFAULT_LR = 1e-3
@@ -24,7 +25,7 @@ DEFAULT_LR = 1e-3
 class Config:
     include_layernorm: bool = True
     """Also train LayerNorm biases (the paper does)."""
-    layers: tuple[int, ...] | None = None
+    layers: tuple[int, ...] | None = option(None, ge=0)
     """Train only the biases inside these transformer layers (indices from 0); None: every bias."""
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from deltatune.backbone import ArchSpec, TaskModel
+from deltatune.options import option
 
 NAME = "features"
 DEFAULT_LR = 0.0
@@ -23,9 +24,9 @@ DEFAULT_LR = 0.0
 
 @dataclass
 class Config:
-    c_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
+    c_grid: tuple[float, ...] = option((0.01, 0.1, 1.0, 10.0), gt=0)
     """Inverse regularisation strengths tried; the best on validation is kept."""
-    max_iter: int = 2000
+    max_iter: int = option(2000, ge=1)
     """Iteration limit of the LBFGS solver."""
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
 from deltatune.methods.base import train_head
+from deltatune.options import option
 
 NAME = "head"
 DEFAULT_LR = 1e-3
@@ -26,7 +27,7 @@ PROBE_LR = 2e-2
 
 @dataclass
 class Config:
-    unfreeze_last: int = 0
+    unfreeze_last: int = option(0, ge=0)
     """Number of top transformer layers that train with the head (0: head only)."""
 
 

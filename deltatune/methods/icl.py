@@ -7,7 +7,7 @@
 Demonstrations are random (seeded) or retrieved (nearest training examples by MiniLM embedding);
 calibration (Zhao et al. 2021) is an option. The shared prefix's K/V is computed once. The "delta" is
 delta.json: template, verbalizer, the chosen demonstrations (and DELTA/index/ for retrieval).
-The code lives in deltatune/notune/ (icl.py, prompts.py, scoring.py, templates.py).
+The code lives in deltatune/notune/ (icl.py, prompts.py, scoring.py) and deltatune/data/templates.py.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import sys
 from dataclasses import dataclass
 
 from deltatune.backbone import TaskModel
+from deltatune.data.templates import PromptSpec, prompt_spec
+from deltatune.options import option
 
 NAME = "icl"
 DEFAULT_LR = 0.0
@@ -23,9 +25,9 @@ DEFAULT_LR = 0.0
 
 @dataclass
 class Config:
-    shots: int = 0
+    shots: int = option(0, ge=0)
     """Demonstrations in the prompt: 0 (zero-shot), 1 (one-shot) or k (few-shot)."""
-    demos: str = "random"
+    demos: str = option("random", choices=("random", "retrieved"))
     """How demonstrations are chosen: random (seeded, one shared prompt prefix) or retrieved (nearest by embedding)."""
     template: str | None = None
     """Prompt template with {text} and {label}; None: the task's built-in one."""
@@ -35,9 +37,9 @@ class Config:
     """Contextual calibration: divide by the label probabilities of content-free inputs."""
     description: bool = True
     """Start the prompt with the task's one-sentence description."""
-    max_prompt_tokens: int = 2048
+    max_prompt_tokens: int = option(2048, ge=1)
     """Prompt budget in tokens (also capped by the model's context window)."""
-    demo_max_tokens: int = 128
+    demo_max_tokens: int = option(128, ge=1)
     """Each demonstration's input is cut to this many tokens."""
     encoder: str | None = None
     """Encoder for retrieved demonstrations (default: all-MiniLM-L6-v2)."""
@@ -57,7 +59,6 @@ def run_job(job, config: Config, out) -> dict:
 def make_strategy(config: Config, context):
     from deltatune.notune.icl import ICL
     from deltatune.notune.scoring import load_language_model
-    from deltatune.notune.templates import PromptSpec, prompt_spec
 
     lm = load_language_model(context.model, context.device, context.train.seed)
     if context.saved:

@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 
 from deltatune.backbone import TaskModel
+from deltatune.options import option
 
 NAME = "knn"
 DEFAULT_LR = 0.0
@@ -20,9 +21,9 @@ DEFAULT_LR = 0.0
 
 @dataclass
 class Config:
-    k: int = 10
+    k: int = option(10, ge=1)
     """Neighbours that vote."""
-    weighting: str = "similarity"
+    weighting: str = option("similarity", choices=("similarity", "uniform"))
     """similarity (votes weighted by cosine similarity) or uniform."""
     encoder: str | None = None
     """Encoder folder or alias; None: --model, else all-MiniLM-L6-v2."""

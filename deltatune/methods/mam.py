@@ -19,30 +19,32 @@ import torch
 
 from deltatune.backbone import TaskModel
 from deltatune.methods import adapter, prefix
+from deltatune.options import option
 
 NAME = "mam"
 DEFAULT_LR = 5e-4
+ROW_INPUT, ROW_HOOKS, ROW_TOP_MODULES = prefix.ROW_INPUT, prefix.ROW_HOOKS, prefix.ROW_TOP_MODULES  # + adapters
 """Measured on rotten-tomatoes (600 examples, 2 epochs, mean pooling): validation 0.72 at 5e-4, 0.67 at 2e-4,
 0.58 (the majority class: it diverged) at 1e-3 and 2e-3; the parallel adapter's scale s = 4 multiplies its step."""
 
 
 @dataclass
 class Config:
-    num_virtual_tokens: int = 30
+    num_virtual_tokens: int = option(30, ge=1)
     """Prefix positions per layer (He et al.: 30)."""
     prefix_projection: bool = True
     """Train the prefix through Li & Liang's MLP reparametrisation (folded away when saving)."""
-    encoder_hidden_size: int = 512
+    encoder_hidden_size: int = option(512, ge=1)
     """Hidden width of the prefix reparametrisation MLP."""
-    prefix_init: str = "words"
+    prefix_init: str = option("words", choices=prefix.INITS)
     """Prefix start: words (activations of real tokens) or random."""
-    bottleneck: int | None = None
+    bottleneck: int | None = option(None, ge=1)
     """Parallel adapter hidden size m; when unset, hidden_size // reduction_factor."""
-    reduction_factor: int = 2
+    reduction_factor: int = option(2, ge=1)
     """hidden_size / m when `bottleneck` is unset (He et al.: 1024 / 512)."""
-    scale: float = 4.0
+    scale: float = option(4.0, gt=0)
     """Multiplier s of the parallel adapter's output (He et al.: 4)."""
-    activation: str = "relu"
+    activation: str = option("relu", choices=tuple(adapter.ACTIVATIONS))
     """Adapter nonlinearity f: relu, gelu, silu or tanh."""
 
 

@@ -36,6 +36,7 @@ from deltatune.methods.base import (
     train_head,
 )
 from deltatune.methods.prefix import kv_shape
+from deltatune.options import option
 
 NAME = "s4"
 DEFAULT_LR = 2e-3
@@ -50,19 +51,19 @@ PAPER_GROUPS = ("adapter+lora", "adapter+prefix", "adapter+prefix+bitfit", "pref
 
 @dataclass
 class Config:
-    grouping: str = "spindle"
+    grouping: str = option("spindle", choices=tuple(GROUPINGS))
     """How many layers each group G1..G4 gets: increasing, uniform, decreasing, spindle or bottleneck."""
-    allocation: str = "uniform"
+    allocation: str = option("uniform", choices=tuple(ALLOCATIONS))
     """Adapter/LoRA sizes per layer across groups: increasing, uniform or decreasing."""
     groups: tuple[str, ...] = PAPER_GROUPS
     """G1..G4 (bottom to top): methods joined by '+' (adapter, prefix, bitfit, lora, or A/P/B/L), or 'none'."""
-    budget: float | None = None
+    budget: float | None = option(None, gt=0, le=1)
     """Trainable parameters (the head aside) as a fraction of the backbone's, e.g. 0.005; None: base sizes."""
-    adapter_bottleneck: int = 16
+    adapter_bottleneck: int = option(16, ge=1)
     """Base adapter bottleneck m (serial Houlsby adapters after attention and FFN)."""
-    lora_rank: int = 8
+    lora_rank: int = option(8, ge=1)
     """Base LoRA rank r (alpha = 2r: the update scale stays 2 at every size)."""
-    prefix_tokens: int = 10
+    prefix_tokens: int = option(10, ge=1)
     """Base prefix length n (the same in every group that uses prefix)."""
     lora_targets: tuple[str, ...] = ("query", "value")
     """Roles LoRA adapts in its groups."""

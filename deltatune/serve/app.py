@@ -22,11 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, HTTPException
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
 from deltatune.errors import UserError
+from deltatune.options import option
+from deltatune.predict import check_texts
 from deltatune.serve.batcher import Batcher, Overloaded
 from deltatune.serve.engine import UnknownTask
 from deltatune.serve.server import Server
@@ -37,15 +40,15 @@ PAGE = Path(__file__).with_name("page.html")
 
 @dataclass
 class Limits:
-    max_items: int = 64
+    max_items: int = option(64, ge=1)
     """Items per request (texts or predict items)."""
-    max_text_chars: int = 4000
+    max_text_chars: int = option(4000, ge=1)
     """Characters per text."""
-    max_body_bytes: int = 1_000_000
+    max_body_bytes: int = option(1_000_000, ge=1)
     """Request body size."""
-    max_new_tokens: int = 128
+    max_new_tokens: int = option(128, ge=1)
     """Generation: tokens per reply."""
-    timeout_seconds: float = 120.0
+    timeout_seconds: float = option(120.0, gt=0)
     """A queued request that has not finished by then answers 504."""
 
 
@@ -91,6 +94,30 @@ class RegisterBody(BaseModel):
     path: str = Field(description="A delta directory on the server (written by `deltatune train`).")
 
 
+OFFLINE_NOTE = ('<p style="font-family: sans-serif; margin: 1em">This page loads Swagger UI from a CDN '
+                '(cdn.jsdelivr.net): without network access it stays blank. The API description it shows is '
+                'served by this server: <a href="/openapi.json">/openapi.json</a>.</p>')
+"""No package here ships the Swagger UI assets, and deltatune takes no network dependency: the page says so."""
+
+
+def docs_page(title: str) -> HTMLResponse:
+    """FastAPI's Swagger UI page for /openapi.json, with a visible note that it needs the network."""
+    html = get_swagger_ui_html(openapi_url="/openapi.json", title=f"{title} - API").body.decode()
+    return HTMLResponse(html.replace("<body>", "<body>" + OFFLINE_NOTE, 1))
+
+
+def check_servable(path: str) -> None:
+    """icl / knn deltas hold an index or a prompt, not weights on the backbone: a one-line 422 that says so."""
+    from deltatune.delta import read_meta
+    from deltatune.methods import REGISTRY
+
+    name = read_meta(path).get("method")
+    if name in REGISTRY and REGISTRY[name].runs_own_job:
+        raise UserError(f"{path} is a {name} delta: {name} predicts through its own pipeline (a saved index or "
+                        f"prompt run by `deltatune predict`), not through weights on the shared backbone, so it "
+                        f"cannot be served; use `deltatune predict {path} TEXT`")
+
+
 def error_status(exc: Exception) -> int:
     if isinstance(exc, UnknownTask):
         return 404
@@ -102,7 +129,7 @@ def error_status(exc: Exception) -> int:
 def create_app(server: Server, batcher: Batcher, limits: Limits | None = None) -> FastAPI:
     limits = limits or Limits()
     metrics = batcher.metrics
-    app = FastAPI(title="deltatune serve", version="1",
+    app = FastAPI(title="deltatune serve", version="1", docs_url=None,
                   description="Many task deltas on one frozen backbone; requests for different tasks share a batch.")
     bearer = HTTPBearer(auto_error=False, description="DELTATUNE_ADMIN_TOKEN, set when the server started")
 
@@ -120,6 +147,10 @@ def create_app(server: Server, batcher: Batcher, limits: Limits | None = None) -
         if len(items) > limits.max_items:
             metrics.rejected.inc(reason="items")
             raise HTTPException(422, f"{len(items)} items in one request; the limit is {limits.max_items}")
+        try:
+            check_texts([text for _, text in items], "text of item", first=0)  # the CLI's rule: no empty text
+        except UserError as exc:
+            raise HTTPException(422, str(exc)) from exc
         for i, (task, text) in enumerate(items):
             if len(text) > limits.max_text_chars:
                 metrics.rejected.inc(reason="text_length")
@@ -174,6 +205,7 @@ def create_app(server: Server, batcher: Batcher, limits: Limits | None = None) -
     @app.put("/v1/tasks/{task}", dependencies=[Depends(admin)], summary="Register a delta directory (admin)")
     def put_task(task: str, body: RegisterBody) -> dict:
         try:
+            check_servable(body.path)
             return server.register(task, body.path)
         except UserError as exc:
             raise HTTPException(error_status(exc), str(exc)) from exc
@@ -195,6 +227,10 @@ def create_app(server: Server, batcher: Batcher, limits: Limits | None = None) -
         for group in ("shared", "own"):
             metrics.tasks.set(sum(t.group == group for t in server.engine.tasks.values()), group=group)
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return docs_page(app.title)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:

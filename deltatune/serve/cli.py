@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from dataclasses import dataclass
 
 from deltatune.errors import UserError
+from deltatune.options import AtLeastOne, TCPPort, option
 from deltatune.serve.app import Limits
 
 
 @dataclass
 class Batching:
-    max_batch_size: int = 32
+    max_batch_size: int = option(32, ge=1)
     """Rows per batch: a batch forms as soon as this many rows are queued."""
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = option(5.0, ge=0)
     """Or this long after the oldest queued request arrived."""
-    max_queue: int = 256
+    max_queue: int = option(256, ge=1)
     """Rows the queue holds; a request that does not fit answers 503 with Retry-After."""
-    pass_overhead_tokens: int = 128
+    pass_overhead_tokens: int = option(128, ge=0)
     """Split a batch's mixed pass into passes of similar lengths when that saves more padded token
     positions than this per extra pass (0: always one pass; on a GPU, where padding is cheap, raise it)."""
 
@@ -26,8 +28,21 @@ class Batching:
 ADMIN_TOKEN = "DELTATUNE_ADMIN_TOKEN"
 
 
-def serve(*, registry: str, port: int = 8000, model: str | None = None, host: str = "127.0.0.1",
-          device: str = "auto", batching: Batching, limits: Limits, threads: int | None = None) -> int:
+def check_port(host: str, port: int) -> None:
+    """A one-line UserError when host:port cannot be listened on (a port in use), bound as uvicorn binds."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: old TIME_WAIT sockets do not count
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise UserError(f"cannot listen on {host}:{port}: {reason} (another server there? choose another "
+                            "--port)") from exc
+
+
+def serve(*, registry: str, port: TCPPort = 8000, model: str | None = None, host: str = "127.0.0.1",
+          device: str = "auto", batching: Batching, limits: Limits, threads: AtLeastOne | None = None) -> int:
     """Serve many task deltas on one frozen backbone over HTTP (admin token: $DELTATUNE_ADMIN_TOKEN).
 
     Args:
@@ -40,18 +55,17 @@ def serve(*, registry: str, port: int = 8000, model: str | None = None, host: st
     """
     import uvicorn
 
+    from deltatune.runtime import set_threads
     from deltatune.serve.app import create_app
     from deltatune.serve.batcher import Batcher
     from deltatune.serve.engine import Engine
     from deltatune.serve.registry import Registry
     from deltatune.serve.server import Server
-    from deltatune.workflow import set_threads
 
     if limits.max_items > batching.max_queue:
         raise UserError(f"--max-items {limits.max_items} exceeds --max-queue {batching.max_queue}: "
                         "such a request could never be queued")
-    if not 0 < port < 65536:
-        raise UserError(f"--port {port} is not a TCP port")
+    check_port(host, port)  # before the model loads and the banner prints
     set_threads(threads)
     store = Registry(registry)
     engine = Engine(model or store.setting("model"), device=device,
