@@ -18,10 +18,10 @@ import time
 import torch
 
 from deltatune.data import load_task
+from deltatune.data.templates import prompt_spec
 from deltatune.methods.icl import Config
 from deltatune.notune.icl import ICL
 from deltatune.notune.scoring import load_language_model
-from deltatune.notune.templates import prompt_spec
 
 
 def run(examples: int, shots: list[int], precision: str, batch_size: int, model: str) -> list[dict]:

@@ -26,8 +26,8 @@ import torch
 
 from deltatune.config import TrainConfig
 from deltatune.data import load_task
+from deltatune.data.templates import PromptArgs
 from deltatune.io import write_json_atomic
-from deltatune.notune.templates import PromptArgs
 from deltatune.workflow import TrainJob, run_train_job
 
 POOL = 2000  # training examples available to icl (demonstrations) and knn, as `compare` uses

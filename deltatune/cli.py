@@ -28,6 +28,9 @@ COMMANDS: dict[str, str] = {
     "serve": "deltatune.serve.cli:serve",
 }
 
+ARGV: list[str] = []
+"""The command line being run (`train --nproc N` hands it to torchrun without the launch flags)."""
+
 
 def _load(target: str):
     module, _, func = target.partition(":")
@@ -60,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     from deltatune.config import config_defaults, load_config_file
 
     argv = sys.argv[1:] if argv is None else argv
+    ARGV[:] = argv
     parser = make_parser()
     try:
         args = parse_command_line(parser, argv)

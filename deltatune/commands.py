@@ -10,6 +10,7 @@ from deltatune.commands_lm import evaluate_generation
 from deltatune.config import TrainConfig
 from deltatune.data import TaskArgs, TaskData
 from deltatune.data.templates import PromptArgs, prompt_options
+from deltatune.distributed import LaunchArgs
 from deltatune.errors import UserError
 from deltatune.io import claim_output
 from deltatune.options import AtLeastOne, NonNegative
@@ -32,7 +33,8 @@ def parse_options(pairs: list[str] | None) -> dict[str, str]:
 def train(*, method: str = "lora", out: str, data: TaskArgs, training: TrainConfig, prompt: PromptArgs,
           model: str | None = None,
           pooling: str = "hf", unfreeze_last: NonNegative | None = None, set_: list[str] | None = None,
-          threads: AtLeastOne | None = None, json_: bool = False) -> int:
+          threads: AtLeastOne | None = None, json_: bool = False, resume: str | None = None,
+          launch: LaunchArgs) -> int:
     """Train one method on a task (default: rotten-tomatoes, as compare) and write its delta directory.
 
     Args:
@@ -46,12 +48,17 @@ def train(*, method: str = "lora", out: str, data: TaskArgs, training: TrainConf
         set_: Method option KEY=VALUE, e.g. r=16 or target_modules=query,key,value.
         threads: torch intra-op threads (default: torch's choice).
         json_: Print the metrics as JSON.
+        resume: Continue a killed run from OUT's newest complete checkpoint (--resume OUT) or from
+            OUT/checkpoints/step-N, with the same settings (written with --save-steps).
     """
+    from deltatune import cli, distributed
     from deltatune.methods import resolve_method
     from deltatune.runtime import set_threads
     from deltatune.workflow import TrainJob, run_train_job
 
     claim_output(out, "delta")
+    if launch.nproc is not None:  # torchrun starts N of this command without --nproc (docs/scaling.md)
+        return distributed.launch(distributed.strip_launch_flags(cli.ARGV), launch, "train")
     set_threads(threads)
     prompt_opts, prompt = prompt_options(resolve_method(method)[0], prompt)  # icl/knn options; --objective
     options = {**prompt_opts, **parse_options(set_)}
@@ -59,9 +66,13 @@ def train(*, method: str = "lora", out: str, data: TaskArgs, training: TrainConf
         options["unfreeze_last"] = unfreeze_last
     resolve_method(method, options)  # every option within its range before the data loads
     task = data.load(training.seed, default_task=DEFAULT_TASK)  # chatterbot: an LM trained on the answers
-    print(task.summary(), file=sys.stderr)
+    main = distributed.rank_in_environment() == 0
+    if main:
+        print(task.summary(), file=sys.stderr)
     metrics = run_train_job(TrainJob(method=method, task=task, model=model, pooling=pooling,
-                                     options=options, train=training, prompt=prompt), out)
+                                     options=options, train=training, prompt=prompt, resume=resume), out)
+    if not main:
+        return 0  # rank 0 reports
     quality = (f"test loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f}" if "loss" in metrics
                else f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")
     return print_metrics(metrics, json_, lambda: (

@@ -27,8 +27,8 @@ def generate(delta: str, prompts: list[str] = (), *, max_new_tokens: int = 64, s
     """
     from deltatune.backbone import pick_device
     from deltatune.delta import read_meta
-    from deltatune.loading import load_delta
     from deltatune.generation import generate_texts
+    from deltatune.loading import load_delta
 
     meta = read_meta(delta)
     if meta["backbone"].get("pooling") != "lm":
@@ -54,32 +54,32 @@ def import_peft(peft_dir: str, out: str, *, model: str | None = None, labels: st
     Args:
         peft_dir: Directory written by peft's save_pretrained (LoRA, AdaLoRA, and the peft types of
             other methods that can read them).
-        out: Output delta directory (replaced atomically).
+        out: Output delta folder: a new path, an empty folder, or a delta deltatune wrote (replaced
+            atomically); a file or any other folder is refused.
         model: Backbone folder or alias, if not the adapter's base_model_name_or_path.
         labels: Comma-separated label names for a classifier, when the peft directory has no
             config.json with id2label (default: label_0..K-1).
     """
+    from deltatune.io import claim_output
     from deltatune.peft_format import import_peft as run_import
 
+    claim_output(out, "delta")
     run_import(peft_dir, out, model=model, labels=labels)
     print(f"wrote {out} (delta imported from {peft_dir})")
     return 0
 
 
-def evaluate_generation(delta: str, meta: dict, task, split: str, model: str | None, batch_size: int,
-                        precision: str, device: str, json_: bool) -> int:
-    """`deltatune eval` of a generation delta: loss per answer token and perplexity on a split."""
+def evaluate_generation(delta: str, task, split: str, model: str | None, batch_size: int, precision: str,
+                        device: str) -> tuple[dict, int]:
+    """`deltatune eval` of a generation delta: (metrics: loss per answer token and perplexity, examples)."""
     from deltatune.backbone import pick_device
-    from deltatune.commands import print_eval
-    from deltatune.loading import load_delta
     from deltatune.generation import encode_lm, evaluate_lm, is_seq2seq
+    from deltatune.loading import load_delta
 
     if task.kind != "generation":
         raise UserError(f"{delta} is a generation delta; task '{task.name}' has no target texts to score")
     loaded = load_delta(delta, model=model, device=pick_device(device))
-    max_length = meta.get("train_config", {}).get("max_length", 128)
+    max_length = loaded.meta.get("train_config", {}).get("max_length", 128)
     rows = encode_lm(loaded.task_model.tokenizer, getattr(task, split), max_length, split,
                      seq2seq=is_seq2seq(loaded.task_model))
-    metrics = evaluate_lm(loaded.task_model, rows, batch_size, precision)
-    return print_eval(metrics, meta, task, split, len(rows), json_,
-                      lambda: f"loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f}")
+    return evaluate_lm(loaded.task_model, rows, batch_size, precision), len(rows)

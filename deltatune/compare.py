@@ -56,7 +56,7 @@ def check_options(name: str, pairs: list[str] | None, prompt: PromptArgs) -> Non
 
 def compare(*, methods: str = DEFAULT_METHODS, out: str = "runs/compare", data: TaskArgs, training: TrainConfig,
             prompt: PromptArgs, model: str | None = None, pooling: str = "auto", set_: list[str] | None = None,
-            threads: AtLeastOne | None = None) -> int:
+            threads: AtLeastOne | None = None, nproc: AtLeastOne | None = None) -> int:
     """Train several methods on the same task and split; print and plot the comparison.
 
     Args:
@@ -69,7 +69,13 @@ def compare(*, methods: str = DEFAULT_METHODS, out: str = "runs/compare", data: 
             (transformers' own head), mean, cls or last.
         set_: Method option, `METHOD.KEY=VALUE` for one method or `KEY=VALUE` for every method that has it.
         threads: torch intra-op threads per child process.
+        nproc: Train each method on N processes of this machine (each child runs under torchrun).
     """
+    from deltatune.distributed import torchrun_prefix, under_torchrun
+
+    if under_torchrun():
+        raise UserError("compare starts one `deltatune train` per method: run it without torchrun and give "
+                        "--nproc N to train each method on N processes")
     names = method_names() if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()]
     for name in names:  # unknown names, bad options or flags: refused before any training starts
         check_options(name, set_, prompt)
@@ -88,7 +94,8 @@ def compare(*, methods: str = DEFAULT_METHODS, out: str = "runs/compare", data: 
     out_dir = run_folder(out, "compare")
     rows: list[dict] = []
     for name in names:
-        argv = [sys.executable, "-m", "deltatune", "train", "--method", name, "--out",
+        launcher = torchrun_prefix(nproc) if nproc else [sys.executable]
+        argv = [*launcher, "-m", "deltatune", "train", "--method", name, "--out",
                 str(out_dir / "deltas" / name), "--pooling", pooling, "--json",
                 *to_argv(data), *to_argv(training)]
         if model:

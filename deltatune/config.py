@@ -58,6 +58,14 @@ class TrainConfig:
     """Memory bound of the frozen-prefix cache before it spills to disk."""
     progress: bool = True
     """Show a progress bar with loss and throughput."""
+    save_steps: int = option(0, ge=0)
+    """Write a checkpoint to OUT/checkpoints/step-N every N optimizer steps and at each epoch end, for
+    `--resume` (0: none)."""
+    keep_checkpoints: int = option(2, ge=1)
+    """Keep the newest K complete checkpoints."""
+    fsdp: bool = False
+    """Under torchrun: shard parameters, gradients and optimizer state with FSDP2 (`fully_shard`), for full
+    fine-tuning of backbones too large to replicate per process."""
 
     def validate(self) -> TrainConfig:
         """Every field within its declared range (named as its flag), then the checks a range cannot say."""

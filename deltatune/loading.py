@@ -13,6 +13,7 @@ import torch
 from deltatune.backbone import load_task_model, resolve_model_path
 from deltatune.delta import LoadedDelta, apply_delta, read_meta, read_tensors
 from deltatune.errors import UserError
+from deltatune.label_head import attach_label_head
 from deltatune.methods import REGISTRY, resolve_method
 from deltatune.notune.job import restore_strategy
 
@@ -30,8 +31,6 @@ def load_delta(path: str | Path, model: str | None = None, device: str | torch.d
     task_model = load_task_model(model_path, num_labels=meta["num_labels"],
                                  pooling=meta["backbone"]["pooling"], device=device)
     if meta.get("prompt", {}).get("objective") == "verbalizer":  # PET / LM-BFF: LM head at the label words
-        from deltatune.notune.label_head import attach_label_head
-
         attach_label_head(task_model, meta["prompt"])
     apply_delta(task_model, meta, tensors, method, config)
     task_model.module.to(device)

@@ -2,29 +2,32 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from deltatune import checkpoint, distributed
 from deltatune.backbone import load_task_model, pick_device
 from deltatune.batching import encode
 from deltatune.config import TrainConfig
 from deltatune.data import GENERATION, TaskData
+from deltatune.data.templates import PromptArgs
 from deltatune.delta import delta_size_bytes, save_delta
 from deltatune.errors import UserError
 from deltatune.evaluate import inference_overhead
 from deltatune.fast import prepare_for_training
 from deltatune.fast import restore as restore_fast_path
 from deltatune.generation import encode_lm, is_seq2seq
+from deltatune.io import run_folder
+from deltatune.label_head import attach_label_head, objective_pooling, verbalizer_spec
 from deltatune.memory import PeakMemory, rss_mb
 from deltatune.methods import resolve_method
-from deltatune.methods.base import count_parameters
-from deltatune.notune.label_head import attach_label_head, objective_pooling, verbalizer_spec
-from deltatune.notune.templates import PromptArgs
+from deltatune.methods.base import config_dict, count_parameters
 from deltatune.train import seed_everything, train_model, validate
 
 
@@ -40,15 +43,35 @@ class TrainJob:
     train: TrainConfig = field(default_factory=TrainConfig)
     prompt: PromptArgs = field(default_factory=PromptArgs)
     """Prompt flags: --objective verbalizer for tuned methods (icl/knn get theirs as options)."""
+    resume: str | None = None
+    """--resume: OUT (its newest complete checkpoint) or OUT/checkpoints/step-N."""
 
 
 def run_train_job(job: TrainJob, out: str | Path) -> dict[str, Any]:
-    """Train, test and save one delta; returns the metrics row written into delta.json."""
+    """Train, test and save one delta; returns the metrics row written into delta.json ({} on the ranks
+    other than 0 of a distributed run: rank 0 alone tests, writes and reports)."""
     config = job.train.validate()
-    device = pick_device(config.device)
     method, method_config = resolve_method(job.method, job.options)
     if method.runs_own_job:  # no-tuning strategies (icl, knn): a prompt or an index, no gradient
         return method.run_job(job, method_config, out)
+    world, rank_device = distributed.setup(config.device)  # outside torchrun: one process, as before
+    try:
+        return _run(job, out, config, method, method_config, world, rank_device or pick_device(config.device))
+    finally:
+        distributed.teardown()
+
+
+def _run(job: TrainJob, out, config: TrainConfig, method, method_config, world, device) -> dict[str, Any]:
+    if not world.main:
+        config = replace(config, progress=False)  # one progress bar: rank 0's
+    plan = checkpoint.Plan(run=run_identity(job, method_config, config, world.size))
+    if job.resume:
+        plan.resume = checkpoint.resolve(job.resume)
+        checkpoint.check_run(plan.resume, checkpoint.load_meta(plan.resume).get("run", {}), plan.run)
+    if config.save_steps:
+        plan.out = Path(out)
+        if world.main:
+            run_folder(out, "delta")  # OUT/.deltatune.json now: a rerun may replace the folder
     seed_everything(config.seed)
     task = job.task
     lm = task.kind == GENERATION  # generation: the model's own LM head, loss on the answer tokens
@@ -75,8 +98,13 @@ def run_train_job(job: TrainJob, out: str | Path) -> dict[str, Any]:
     train_rows = rows_of(tok, task.train, config.max_length, "train")
     val_rows = rows_of(tok, task.validation, config.max_length, "validation")
     test_rows = rows_of(tok, task.test, config.max_length, "test")
+    if world.main:
+        print(f"global batch {config.batch_size * world.size * config.grad_accum} = {config.batch_size} per rank "
+              f"x {world.size} rank(s) x {config.grad_accum} accumulation step(s)", file=sys.stderr)
     with PeakMemory() as memory:
-        result = train_model(task_model, method, method_config, train_rows, val_rows, config)
+        result = train_model(task_model, method, method_config, train_rows, val_rows, config, plan)
+    if not world.main:
+        return {}
     restore_fast_path(task_model)  # test and save the plain fp32 model, as load_delta rebuilds it
     test = validate(task_model, test_rows, config)
     if not lm:
@@ -103,6 +131,9 @@ def run_train_job(job: TrainJob, out: str | Path) -> dict[str, Any]:
         "device": str(device),
         "frozen_prefix_cache": result.cache,
         "train_examples": len(train_rows),
+        "global_batch": result.global_batch,
+        "world_size": world.size,
+        "allreduce_bytes_per_step": result.allreduce_bytes_per_step,
         "test_examples": len(test_rows),
     }
     meta = {
@@ -115,9 +146,26 @@ def run_train_job(job: TrainJob, out: str | Path) -> dict[str, Any]:
         "head_names": task_model.head_names,
         **({"prompt": prompt_meta} if prompt_meta else {}),
     }
-    save_delta(out, task_model, method, method_config, meta)
+    save_delta(out, task_model, method, method_config, meta, carry=(checkpoint.FOLDER,))
     metrics["delta_bytes"] = delta_size_bytes(out)
     return metrics
+
+
+RUN_SETTINGS = ("epochs", "grad_accum", "lr", "weight_decay", "warmup_ratio", "max_grad_norm", "max_length",
+                "seed", "precision", "attention", "dropout", "gradient_checkpointing", "compile", "fsdp")
+"""Training settings a resumed run must share with its checkpoint (the rest: speed, output, devices)."""
+
+
+def run_identity(job: TrainJob, method_config, config: TrainConfig, world_size: int) -> dict[str, Any]:
+    """What a checkpoint was trained on and how: a resume with anything else here is refused."""
+    task = job.task
+    examples = [[e.text, e.text_pair, e.label, e.target] for e in (*task.train, *task.validation)]
+    data = hashlib.sha256(json.dumps(examples, ensure_ascii=False).encode()).hexdigest()[:16]
+    settings = {k: getattr(config, k) for k in RUN_SETTINGS}
+    return {"method": job.method, "method options": config_dict(method_config), "backbone": job.model,
+            "task": task.name, "data (sha256 of the train and validation examples)": data,
+            "pooling": job.pooling, "settings": settings,
+            "global micro-batch (batch size x ranks)": config.batch_size * world_size}
 
 
 OVERHEAD_ROWS = 256
@@ -145,8 +193,3 @@ def _arch_of(job: TrainJob):
 
 def timestamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
-
-
-def set_threads(threads: int | None) -> None:
-    if threads:
-        torch.set_num_threads(threads)

@@ -45,7 +45,7 @@ def trainable_methods() -> list[str]:
     names = []
     for name in method_names():
         method, _ = resolve_method(name, SMALL.get(name))
-        if not hasattr(method, "fit") and not hasattr(method, "run_job"):
+        if method.trains_by_gradient:
             names.append(name)
     return names
 

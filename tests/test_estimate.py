@@ -3,18 +3,22 @@ tensors autograd really saves (tiny random models), JSON schema and user errors.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from deltatune.backbone import load_task_model
 from deltatune.errors import UserError
-from deltatune.estimate import CLASSIFIER_ONLY, GIB, METHODS, DeltaSettings, count_trainable, plan_for_method
+from deltatune.estimate import CLASSIFIER_ONLY, GIB, METHODS, count_trainable, plan_for_method
 from deltatune.estimate.cli import estimate, estimate_for_model, hardware_table
 from deltatune.estimate.detailed import RunSettings, activation_report
 from deltatune.estimate.seed import seed_hidden_states_bytes, slide_hidden_states_elements
 from deltatune.estimate.shapes import KNOWN_MODELS, load_shapes, shapes_from_config
+from deltatune.methods import adapter, ia3, lora, prefix, prompt, resolve_method
+from deltatune.methods.base import count_parameters
 
 PEFT_METHODS = [m for m in METHODS if m not in ("full",)]
 JSON_KEYS = {"method", "weights_gb", "gradients_gb", "optimizer_gb", "activations_gb", "overhead_gb", "total_gb",
@@ -91,10 +95,16 @@ def test_full_trains_every_parameter():
     assert trainable("all-minilm-l6-v2", "full") == 22_713_216 + 384 * 2 + 2   # + the new classifier
 
 
-@pytest.mark.parametrize("method, delta", [                    # counts checked against peft 0.21 on MiniLM
+def prefix_mlp(tokens: int, hidden: int, layers: int, kv_dim: int, width: int = 512) -> int:
+    """prefix.Config's default reparametrisation: P' (n, h), h -> e -> layers * 2 * kv."""
+    out = layers * 2 * kv_dim
+    return tokens * hidden + hidden * width + width + width * out + out
+
+
+@pytest.mark.parametrize("method, delta", [  # deltatune's Config defaults, as `apply` builds them on MiniLM
     ("lora", 6 * 2 * (384 * 8 + 8 * 384)), ("adalora", 6 * 2 * (12 * 384 + 384 * 12 + 12)),
-    ("ia3", 6 * (384 + 384 + 384 + 1536)), ("prefix", 20 * 2 * 6 * 384), ("prompt", 20 * 384),
-    ("ptuning", 20 * 384 + 3 * 384**2 + 3 * 384), ("adapter", 6 * 2 * (2 * 384 * 64 + 64 + 384)),
+    ("ia3", 6 * (384 + 384 + 1536)), ("prefix", prefix_mlp(10, 384, 6, 384)), ("prompt", 20 * 384),
+    ("ptuning", 20 * 384 + 3 * 384**2 + 3 * 384), ("adapter", 6 * 2 * (2 * 384 * 24 + 24 + 384)),
     ("head", 0), ("features", 0)])
 def test_minilm_trainable_counts(minilm_config, method, delta):
     head = 384 * 2 + 2
@@ -106,7 +116,7 @@ def test_minilm_trainable_counts(minilm_config, method, delta):
 def test_llama_trainable_counts():
     assert trainable("llama-2-7b", "lora") == 32 * 2 * 8 * (4096 + 4096)          # 4,194,304, no new head
     assert trainable("llama-2-70b", "lora") == 80 * 8 * ((8192 + 8192) + (8192 + 1024))   # GQA: v is 1024 wide
-    assert trainable("llama-2-7b", "prefix") == 20 * 2 * 32 * 4096
+    assert trainable("llama-2-7b", "prefix") == prefix_mlp(10, 4096, 32, 4096)
     layer = KNOWN_MODELS["llama-2-7b"].layer_params()
     assert trainable("llama-2-7b", "last2") == 2 * layer + 4096                   # + final norm, LM head frozen
     assert trainable("llama-2-7b", "head", generation=False) == 4096 * 2          # `score`: no bias
@@ -407,7 +417,58 @@ def test_bad_config_files(tmp_path):
         load_shapes(str(tmp_path))
 
 
-def test_delta_settings_change_sizes():
+def test_method_options_change_sizes():
     shapes = KNOWN_MODELS["llama-2-7b"]
-    r16 = plan_for_method("lora", shapes, True, DeltaSettings(lora_rank=16))
+    r16 = plan_for_method("lora", shapes, True, lora.Config(r=16))
     assert count_trainable(shapes, r16, True, 2).total == 2 * trainable("llama-2-7b", "lora")
+    [wide] = estimate_for_model("llama-2-7b", ["lora"], options={"lora": {"r": "16"}})  # strings, as from flags
+    assert wide.trainable_params == 2 * trainable("llama-2-7b", "lora")
+
+
+def with_default(monkeypatch, module, **defaults) -> None:
+    """Replace `module.Config` by a subclass whose defaults are `defaults`, for this test only."""
+    fields = [(name, type(value), dataclasses.field(default=value)) for name, value in defaults.items()]
+    monkeypatch.setattr(module, "Config", dataclasses.make_dataclass("Config", fields, bases=(module.Config,)))
+
+
+NEW_DEFAULTS = {  # method: (its module, new Config defaults, MiniLM delta parameters under them)
+    "lora": (lora, dict(r=4), 6 * 2 * (384 * 4 + 4 * 384)),
+    "prefix": (prefix, dict(num_virtual_tokens=7), prefix_mlp(7, 384, 6, 384)),
+    "adapter": (adapter, dict(reduction_factor=8), 6 * 2 * (2 * 384 * 48 + 48 + 384)),
+    "prompt": (prompt, dict(num_virtual_tokens=3), 3 * 384),
+    "ia3": (ia3, dict(target_modules=("value",), feedforward_modules=()), 6 * 384),
+}
+
+
+@pytest.mark.parametrize("method", list(NEW_DEFAULTS))
+def test_a_config_default_is_the_estimate_default(monkeypatch, method):
+    """The estimate has no table of its own: changing a method's Config default changes the estimate."""
+    module, defaults, delta = NEW_DEFAULTS[method]
+    before = trainable("all-minilm-l6-v2", method)
+    with_default(monkeypatch, module, **defaults)
+    assert trainable("all-minilm-l6-v2", method) == delta + 384 * 2 + 2 != before  # + the classifier
+
+
+def test_qlora_is_a_labelled_projection(capsys):
+    """No method implements qlora: the table says it is a projection, and LoRA's Config sizes it."""
+    [lora16, qlora4] = estimate_for_model("llama-2-7b", ["lora", "qlora"], dtype="bf16")
+    assert qlora4.trainable_params == lora16.trainable_params and qlora4.weights_gb < lora16.weights_gb / 3
+    assert estimate(model="llama-2-7b", method="qlora", dtype="bf16") == 0
+    assert "qlora is a projection" in capsys.readouterr().out
+
+
+SIZED = ("lora", "adalora", "adapter", "prompt", "ptuning", "prefix", "ia3", "mam")
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama", "gpt2"])
+def test_estimated_counts_are_what_apply_builds(tiny_dir, kind):
+    """Each method's defaults, read from its Config, give exactly the parameters its `apply` trains
+    (GPT-2's fused c_attn: IA3 scales two thirds; prefix: P' and the MLP)."""
+    path = tiny_dir(kind)
+    estimates = estimate_for_model(str(path), SIZED, generation=False, num_labels=2)
+    for method, estimated in zip(SIZED, estimates, strict=True):
+        task_model = load_task_model(path, num_labels=2)
+        task_model.label_names = ["neg", "pos"]
+        module, config = resolve_method(method)
+        module.apply(task_model, config)
+        assert estimated.trainable_params == count_parameters(task_model.module)[0], method

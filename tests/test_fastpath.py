@@ -11,14 +11,15 @@ from deltatune import fast
 from deltatune.backbone import load_task_model
 from deltatune.batching import Encoded, eval_batches
 from deltatune.cli import main
-from deltatune.loading import load_delta
 from deltatune.errors import UserError
 from deltatune.evaluate import predict_logits
-from deltatune.fast.fused import FusedLinear
+from deltatune.fast.fused import FusedSlice
+from deltatune.loading import load_delta
 from deltatune.methods import REGISTRY, resolve_method
 from deltatune.methods.base import trainable_state
+from deltatune.storage import BF16Weight, storage_of
 
-GRADIENT_METHODS = [n for n, m in REGISTRY.items() if not hasattr(m, "run_job")]  # icl / knn: no weights
+GRADIENT_METHODS = [n for n, m in REGISTRY.items() if not m.runs_own_job]  # icl / knn: no weights
 TEXTS = ["good movie", "the plot was awful and dull and the music too", "a film", "great cast but weak ending"]
 
 
@@ -121,7 +122,7 @@ def test_fused_projections_match_unfused_in_fp32(tiny_dir, kind, method, options
     fast.prepare(ref, precision="fp32", attention="eager", dropout=0.0, fuse=False)
     info = fast.prepare(tm, precision="fp32", attention="eager", dropout=0.0, fuse=True)
     assert info.fused_layers == 2
-    assert sum(isinstance(m, FusedLinear) for m in tm.module.modules()) == 6
+    assert sum(isinstance(storage_of(m), FusedSlice) for m in tm.module.modules()) == 6
     assert set(tm.module.state_dict()) == set(ref.module.state_dict())  # names unchanged
     ref_logits, ref_grads = logits_and_grads(ref)
     got_logits, got_grads = logits_and_grads(tm)
@@ -211,3 +212,23 @@ def test_fast_trained_delta_loads_on_the_plain_path(tiny_dir, toy_csv, tmp_path,
     with pytest.raises(SystemExit):  # the test metrics are the reloaded delta's, to the last digit
         main(["eval", str(out), "--data", toy_csv, "--json"])
     assert json.loads(capsys.readouterr().out)["accuracy"] == metrics["accuracy"]
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_projections_compute_through_their_storage(tiny_dir, kind):
+    tm = build(tiny_dir, kind, "lora")
+    classes = {n: type(m) for n, m in tm.module.named_modules()}
+    fast.prepare(tm, precision="bf16", fuse=False)
+    assert {n: type(m) for n, m in tm.module.named_modules()} == classes  # no class swap
+    stored = [m for m in tm.module.modules() if isinstance(storage_of(m), BF16Weight)]
+    linears = [m for m in stored if not isinstance(m, torch.nn.Embedding)]
+    assert linears and any(isinstance(m, torch.nn.Embedding) for m in stored)
+    for m in linears:  # nn.Linear and GPT-2's Conv1D (stored (in, out)) alike
+        kept = storage_of(m)
+        w = kept.dequantize()  # (out, in) fp32
+        x = torch.randn(2, 3, w.shape[1])
+        y = m(x)
+        assert y.dtype == torch.bfloat16 and y.shape == (2, 3, w.shape[0])
+        bias = 0 if m.bias is None else m.bias.float()
+        torch.testing.assert_close(y.float(), x.bfloat16().float() @ w.T + bias, atol=3e-2, rtol=3e-2)
+        assert kept.nbytes == sum(p.numel() * 2 for p in m.parameters(recurse=False))  # frozen: bf16

@@ -1,35 +1,26 @@
 """The page at `/`, in a real headless Chromium (Debian's chromium + chromium-driver, driven by selenium).
 
-The server is a real uvicorn server on a free loopback port, in a thread of this process. Chromium is
-installed with apt when missing (as root); the test skips, saying why, only when that is impossible.
+The server is a real uvicorn server on a free loopback port, in a thread of this process. The test installs
+nothing: `scripts/setup.sh --dev` installs chromium and chromium-driver; without them the test skips and says so.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 
 import pytest
 import torch
 from test_serve_engine import make_delta
 
-APT_PACKAGES = ("chromium", "chromium-driver")
-
 
 def chromium_paths() -> tuple[str, str]:
-    """(chromium, chromedriver), installing the Debian packages first when they are missing."""
-    if not (shutil.which("chromium") and shutil.which("chromedriver")):
-        if shutil.which("apt-get") is None or os.geteuid() != 0:
-            pytest.skip("chromium / chromedriver missing and apt-get not usable here (needs root): "
-                        "apt-get install chromium chromium-driver")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-q"], env=env, check=False, capture_output=True, timeout=600)
-        done = subprocess.run(["apt-get", "install", "-y", "-q", *APT_PACKAGES], env=env, capture_output=True,
-                              text=True, timeout=900)
-        if done.returncode != 0:
-            pytest.skip(f"apt-get install {' '.join(APT_PACKAGES)} failed: {done.stderr.strip()[-300:]}")
-    return shutil.which("chromium"), shutil.which("chromedriver")
+    """(chromium, chromedriver) from PATH; skip, naming what is missing, when either is not there."""
+    found = {name: shutil.which(name) for name in ("chromium", "chromedriver")}
+    missing = [name for name, path in found.items() if path is None]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} not on PATH: run scripts/setup.sh --dev "
+                    "(apt-get install chromium chromium-driver)")
+    return found["chromium"], found["chromedriver"]
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from deltatune.data import builtin
 from deltatune.data.files import read_labelled_file, task_name_for_file
 from deltatune.data.split import split_indices, subsample_indices
 from deltatune.errors import UserError
+from deltatune.options import option
 
 CLASSIFICATION = "classification"
 GENERATION = "generation"
@@ -183,3 +184,38 @@ def load_task(
     )
     check_splits(task_data)
     return task_data
+
+
+@dataclass
+class TaskArgs:
+    task: str | None = None
+    """Built-in task: rotten-tomatoes, bbc-news, chatterbot."""
+    data: str | None = None
+    """A CSV, TSV or JSONL file of your own (instead of --task)."""
+    text_column: str = "text"
+    """Column holding the text (with --data)."""
+    text_pair_column: str | None = None
+    """Column holding the second text of a pair task (with --data)."""
+    label_column: str = "label"
+    """Column holding the label (with --data)."""
+    train_size: int | None = option(None, ge=1)
+    """Subsample the training split to N examples (stratified)."""
+    val_size: int | None = option(None, ge=1)
+    """Subsample the validation split to N examples (stratified)."""
+    test_size: int | None = option(None, ge=1)
+    """Subsample the test split to N examples (stratified)."""
+
+    def load(self, seed: int = 0, default_task: str | None = None) -> TaskData:
+        task = self.task if (self.task or self.data) else default_task
+        return load_task(task, data=self.data, text_column=self.text_column,
+                         text_pair_column=self.text_pair_column, label_column=self.label_column,
+                         train_size=self.train_size, val_size=self.val_size, test_size=self.test_size,
+                         seed=seed)
+
+    def default_to(self, task: str, sizes: dict[str, int]) -> None:
+        """With neither --task nor --data: `task`, subsampled to `sizes` where no size was given."""
+        if not (self.task or self.data):
+            self.task = task
+            for key, value in sizes.items():
+                if getattr(self, key) is None:
+                    setattr(self, key, value)

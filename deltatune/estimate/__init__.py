@@ -11,16 +11,23 @@
 Units: "GB" here means GiB (2**30 bytes), as on the seed slides (13.03 "Gb" = 7e9 · 2 bytes / 2**30).
 
 Layout: this file holds the vocabulary shared by every part (dtypes, methods and what they train,
-trainable-parameter counts); `shapes` reads model shapes, `seed` is the slide formula, `detailed` the per-layer
-autograd accounting, `cli` puts them together (`estimate_for_model`, `hardware_table`, the `estimate` command).
+trainable-parameter counts); `sizes` reads each method's delta sizes from its own Config, `shapes` reads model
+shapes, `seed` is the slide formula, `detailed` the per-layer autograd accounting, `total` puts them together
+(`estimate_for_model`), `cli` prints them (`hardware_table`, the `estimate` command), `measure` runs real steps.
+
+`qlora` is a projection, not a method: LoRA as `lora.Config` sizes it, on a 4-bit frozen backbone, as the
+seed's hardware table (LLaMA-Factory) counts it. No deltatune method implements it yet (the quantised-backbone
+issue will); `--measure` and `compare` leave it out.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
+from typing import Any
 
 from deltatune.errors import UserError
 from deltatune.estimate.shapes import ModelShapes
+from deltatune.estimate.sizes import adapter_bottleneck, chosen_layers, ia3_roles, method_config, target_roles
 
 GIB = 2**30
 METHODS = ("full", "head", "last2", "features", "lora", "adalora", "bitfit", "adapter", "prompt", "prefix",
@@ -28,12 +35,8 @@ METHODS = ("full", "head", "last2", "features", "lora", "adalora", "bitfit", "ad
 OPTIMIZERS = ("adamw", "sgd", "adam8bit")
 CLASSIFIER_ONLY = ("head", "features")
 """Methods that train or fit only a classifier: none of them applies to a generation task."""
-LORA_TARGETS = {"bert": ("q", "v"), "llama": ("q", "v"), "gpt2": ("qkv",)}
-"""peft's default LoRA targets: query/value (q_proj/v_proj); GPT-2 has one fused c_attn."""
-IA3_OUTPUT_SCALED = {"bert": ("k", "v"), "llama": ("k", "v"), "gpt2": ("qkv",)}
-IA3_INPUT_SCALED = {"bert": ("o", "down"), "llama": ("down",), "gpt2": ("down",)}
-"""peft's IA3 defaults: l_k, l_v scale the key/value outputs, l_ff scales the input of the FFN output layer
-(for BERT the pattern "output.dense" also matches the attention output projection, so it is scaled too)."""
+PROJECTED = ("qlora",)
+"""Rows that no deltatune method implements yet: projections of the seed's table (see above)."""
 QUANT_CONSTANT_BITS = {8: 0.0, 4: 0.127, 2: 0.5}
 """Extra bits per quantized weight: LLM.int8 row scales (negligible), NF4 with double quantization
 (QLoRA paper: 0.127 bits), 2-bit with an fp16 scale and zero per group of 64 (0.5 bits)."""
@@ -85,24 +88,6 @@ def precision_for(dtype: str, method: str) -> Precision:
 
 
 @dataclass(frozen=True)
-class DeltaSettings:
-    """Hyper-parameters of the deltas that change their size."""
-
-    num_virtual_tokens: int = 20
-    """n soft tokens of prompt tuning / p-tuning, and per-layer key/value tokens of prefix tuning and MAM."""
-    lora_rank: int = 8
-    """r of LoRA (and of QLoRA)."""
-    adalora_initial_rank: int = 12
-    """AdaLoRA starts at init_r and prunes to target_r: memory peaks at the start."""
-    adapter_bottleneck: int = 64
-    """m of the Houlsby adapters (one after attention, one after the FFN)."""
-    mam_adapter_bottleneck: int = 512
-    """m of MAM's scaled parallel FFN adapter (He et al. 2022 use 512)."""
-    ptuning_encoder_hidden: int | None = None
-    """Width of p-tuning's MLP prompt encoder; None = hidden (peft's default)."""
-
-
-@dataclass(frozen=True)
 class LayerDelta:
     """What trains inside one transformer layer."""
 
@@ -115,18 +100,24 @@ class LayerDelta:
     lora_rank: int = 0
     adalora: bool = False
     """AdaLoRA: W + B·diag(E)·A, one more vector E of r singular values."""
-    ia3: bool = False
-    """IA3 scaling vectors on k, v outputs and the FFN output layer's input."""
+    ia3_out: tuple[str, ...] = ()
+    """IA3: matrices whose outputs a vector scales (GPT-2's c_attn: "qkv" once per scaled third)."""
+    ia3_in: tuple[str, ...] = ()
+    """IA3: matrices whose inputs a vector scales (the feed-forward targets)."""
     serial_adapter: int = 0
     """Bottleneck of the two Houlsby adapters (0 = none)."""
     parallel_adapter: int = 0
     """Bottleneck of MAM's parallel FFN adapter (0 = none)."""
     prefix_tokens: int = 0
-    """Trainable key/value tokens prepended in this layer's attention (prefix tuning, MAM)."""
+    """Key/value tokens prepended in this layer's attention (prefix tuning, MAM)."""
+    prefix_direct: bool = True
+    """The prefix's keys/values are parameters themselves (False: an MLP produces them while training, see
+    `MethodPlan.prefix_encoder_hidden`; its parameters are counted there)."""
 
     @property
     def trains(self) -> bool:
-        return bool(self.all_weights or self.biases or self.lora_targets or self.ia3 or self.serial_adapter
+        return bool(self.all_weights or self.biases or self.lora_targets or self.ia3_out or self.ia3_in
+                    or self.serial_adapter
                     or self.parallel_adapter or self.prefix_tokens)
 
 
@@ -150,58 +141,82 @@ class MethodPlan:
     """Soft tokens prepended to the input embeddings: the sequence grows by this many (prompt, p-tuning)."""
     prompt_encoder_hidden: int = 0
     """p-tuning: width of the MLP that produces the soft tokens (0 = plain prompt tuning)."""
+    prefix_encoder_hidden: int = 0
+    """Prefix tuning's reparametrisation while it trains: P' (n, h) -> e -> every prefixed layer's keys and
+    values (0 = P trains directly)."""
     backprop: bool = True
     """False for features: frozen features are extracted without autograd and a classifier is fit on them."""
-    settings: DeltaSettings = field(default_factory=DeltaSettings)
 
 
-def plan_for_method(method: str, shapes: ModelShapes, generation: bool,
-                    settings: DeltaSettings | None = None) -> MethodPlan:
-    """The trainable parts of `method` on a model of these shapes (task heads: see `MethodPlan.head`)."""
-    settings = settings or DeltaSettings()
+def plan_for_method(method: str, shapes: ModelShapes, generation: bool, config: Any | None = None) -> MethodPlan:
+    """The trainable parts of `method` on a model of these shapes (task heads: see `MethodPlan.head`); the
+    delta's sizes come from `config`, the method's own Config (None: its defaults, `sizes.method_config`)."""
     if method not in METHODS:
         raise UserError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
     if generation and method in CLASSIFIER_ONLY:
         raise UserError(f"{method} trains only a classifier: on a generation task the LM head stays frozen and "
                         "nothing would train (use --task classification)")
-    n_layers, tokens = shapes.layers, settings.num_virtual_tokens
-    if tokens < 1 and method in ("prompt", "prefix", "ptuning", "mam"):
+    config = method_config(method) if config is None else config
+    tokens = getattr(config, "num_virtual_tokens", 1)
+    if tokens < 1:
         raise UserError(f"{method} needs num_virtual_tokens >= 1, got {tokens}")
+    n_layers, h = shapes.layers, shapes.hidden
     new_head = not generation           # a new classifier trains; a pretrained LM head stays frozen
+    chosen = chosen_layers(config, n_layers)
 
     def every_layer(delta: LayerDelta) -> tuple[LayerDelta, ...]:
-        return (delta,) * n_layers
+        return tuple(delta if i in chosen else LayerDelta() for i in range(n_layers))
+
+    def lora_layers(rank: int, adalora: bool = False) -> tuple[LayerDelta, ...]:
+        roles = target_roles(config.target_modules, shapes.family, method)
+        return every_layer(LayerDelta(lora_targets=roles, lora_rank=rank, adalora=adalora))
+
+    def adapter_layers() -> tuple[LayerDelta, ...]:
+        if (config.placement, config.parallel) not in (("attn_ffn", False), ("ffn", True)):
+            raise UserError("adapter: the estimate models placement=attn_ffn (serial) and ffn with parallel=true")
+        size = adapter_bottleneck(config, h)
+        return every_layer(LayerDelta(parallel_adapter=size) if config.parallel else LayerDelta(serial_adapter=size))
+
+    def ia3_layers() -> tuple[LayerDelta, ...]:
+        scaled_out, scaled_in = ia3_roles(config, shapes.family)
+        return every_layer(LayerDelta(ia3_out=scaled_out, ia3_in=scaled_in))
+
+    def ptuning() -> MethodPlan:
+        if config.encoder != "mlp":
+            raise UserError(f"ptuning: the estimate models the mlp encoder, not '{config.encoder}'")
+        return MethodPlan(method, every_layer(LayerDelta()), prompt_tokens=tokens, head=new_head,
+                          prompt_encoder_hidden=config.encoder_hidden_size or h)
 
     frozen = LayerDelta()
-    lora = LayerDelta(lora_targets=LORA_TARGETS[shapes.family], lora_rank=settings.lora_rank)
     plans = {
-        "full": lambda: MethodPlan(method, every_layer(LayerDelta(all_weights=True)), embeddings=True, top=True),
-        "head": lambda: MethodPlan(method, every_layer(frozen)),
+        "full": lambda: MethodPlan(method, (LayerDelta(all_weights=True),) * n_layers, embeddings=True, top=True),
+        "head": lambda: MethodPlan(method, (frozen,) * n_layers),
         "last2": lambda: MethodPlan(method, (frozen,) * max(n_layers - 2, 0)  # + the final norm; BERT's pooler
                                     + (LayerDelta(all_weights=True),) * min(2, n_layers),  # stays frozen
                                     top=shapes.family != "bert", head=new_head),
-        "features": lambda: MethodPlan(method, every_layer(frozen), backprop=False),
-        "lora": lambda: MethodPlan(method, every_layer(lora), head=new_head),
-        "qlora": lambda: MethodPlan(method, every_layer(lora), head=new_head),
-        "adalora": lambda: MethodPlan(method, every_layer(LayerDelta(
-            lora_targets=LORA_TARGETS[shapes.family], lora_rank=settings.adalora_initial_rank, adalora=True)),
-            head=new_head),
-        "bitfit": lambda: MethodPlan(method, every_layer(LayerDelta(biases=True)), outside_biases=True,
+        "features": lambda: MethodPlan(method, (frozen,) * n_layers, backprop=False),
+        "lora": lambda: MethodPlan(method, lora_layers(config.r), head=new_head),
+        "qlora": lambda: MethodPlan(method, lora_layers(config.r), head=new_head),
+        "adalora": lambda: MethodPlan(method, lora_layers(config.init_r, adalora=True), head=new_head),
+        "bitfit": lambda: MethodPlan(method, (LayerDelta(biases=True),) * n_layers, outside_biases=True,
                                      head=new_head),
-        "adapter": lambda: MethodPlan(method, every_layer(LayerDelta(serial_adapter=settings.adapter_bottleneck)),
-                                      head=new_head),
-        "prompt": lambda: MethodPlan(method, every_layer(frozen), prompt_tokens=tokens, head=new_head),
-        "ptuning": lambda: MethodPlan(method, every_layer(frozen), prompt_tokens=tokens, head=new_head,
-                                      prompt_encoder_hidden=settings.ptuning_encoder_hidden or shapes.hidden),
-        "prefix": lambda: MethodPlan(method, every_layer(LayerDelta(prefix_tokens=tokens)), head=new_head),
-        "ia3": lambda: MethodPlan(method, every_layer(LayerDelta(ia3=True)), head=new_head),
-        "mam": lambda: MethodPlan(method, every_layer(LayerDelta(
-            prefix_tokens=tokens, parallel_adapter=settings.mam_adapter_bottleneck)), head=new_head),
+        "adapter": lambda: MethodPlan(method, adapter_layers(), head=new_head),
+        "prompt": lambda: MethodPlan(method, (frozen,) * n_layers, prompt_tokens=tokens, head=new_head),
+        "ptuning": ptuning,
+        "prefix": lambda: MethodPlan(method, every_layer(LayerDelta(prefix_tokens=tokens,
+                                                                    prefix_direct=not config.projection)),
+                                     head=new_head,
+                                     prefix_encoder_hidden=config.encoder_hidden_size if config.projection else 0),
+        "ia3": lambda: MethodPlan(method, ia3_layers(), head=new_head),
+        "mam": lambda: MethodPlan(method, (LayerDelta(prefix_tokens=tokens, prefix_direct=not config.prefix_projection,
+                                                      parallel_adapter=adapter_bottleneck(config, h)),) * n_layers,
+                                  head=new_head,
+                                  prefix_encoder_hidden=config.encoder_hidden_size if config.prefix_projection else 0),
     }
     plan = plans[method]()
     if method == "bitfit" and shapes.layer_bias_params() == 0:
         raise UserError(f"bitfit: {shapes.name} has no bias parameters to train")
-    return replace(plan, settings=settings)
+    return plan
 
 
 @dataclass(frozen=True)
@@ -237,8 +252,9 @@ def layer_delta_params(shapes: ModelShapes, delta: LayerDelta) -> TrainableParam
     LoRA:     r·(in + out) per target (A: r×in, B: out×r); AdaLoRA adds E (r values)
     adapter:  2 · (h·m + m + m·h + h)      (down and up projections with biases, after attention and FFN)
     parallel: h·m + m + m·h + h            (MAM's FFN adapter)
-    IA3:      Σ out(k, v targets) + Σ in(FFN-output targets)
-    prefix:   2 · n · kv_dim               (n key and n value vectors per layer)
+    IA3:      Σ out(output-scaled targets) + Σ in(feed-forward targets)
+    prefix:   2 · n · kv_dim               (n key and n value vectors per layer; with the MLP: none here,
+                                            `prefix_encoder_params` counts P' and the MLP)
     """
     linears = shapes.layer_linears()
     backbone = 0
@@ -251,13 +267,28 @@ def layer_delta_params(shapes: ModelShapes, delta: LayerDelta) -> TrainableParam
         lin = linears[role]
         added += delta.lora_rank * (lin.in_features + lin.out_features) + (delta.lora_rank if delta.adalora else 0)
     h = shapes.hidden
-    if delta.ia3:
-        added += sum(linears[role].out_features for role in IA3_OUTPUT_SCALED[shapes.family])
-        added += sum(linears[role].in_features for role in IA3_INPUT_SCALED[shapes.family])
+    added += sum(ia3_width(linears, role) for role in delta.ia3_out)
+    added += sum(linears[role].in_features for role in delta.ia3_in)
     for bottleneck, count in ((delta.serial_adapter, 2), (delta.parallel_adapter, 1)):
         added += count * (2 * h * bottleneck + bottleneck + h) if bottleneck else 0
-    added += 2 * delta.prefix_tokens * shapes.kv_dim
+    added += 2 * delta.prefix_tokens * shapes.kv_dim if delta.prefix_direct else 0
     return TrainableParams(backbone, added)
+
+
+def ia3_width(linears: dict, role: str) -> int:
+    """Elements of an output-scaling IA3 vector: the matrix's outputs (a third of GPT-2's fused qkv)."""
+    return linears[role].out_features // (3 if role == "qkv" else 1)
+
+
+def prefix_encoder_params(shapes: ModelShapes, plan: MethodPlan) -> tuple[int, int]:
+    """(parameters, largest tensor) of prefix tuning's MLP: P' (n·h), h→e (+e), e→L·2·kv (+L·2·kv)."""
+    e = plan.prefix_encoder_hidden
+    tokens = max((layer.prefix_tokens for layer in plan.layers), default=0)
+    if not e or not tokens:
+        return 0, 0
+    out = sum(1 for layer in plan.layers if layer.prefix_tokens) * 2 * shapes.kv_dim
+    h = shapes.hidden
+    return tokens * h + h * e + e + e * out + out, max(tokens * h, h * e, e * out)
 
 
 def count_trainable(shapes: ModelShapes, plan: MethodPlan, generation: bool, num_labels: int) -> TrainableParams:
@@ -280,6 +311,7 @@ def count_trainable(shapes: ModelShapes, plan: MethodPlan, generation: bool, num
     delta += n * h                                        # the soft prompt embeddings
     if e:
         delta += (h * e + e) + (e * e + e) + (e * h + h)  # p-tuning MLP: h→e→e→h with biases
+    delta += prefix_encoder_params(shapes, plan)[0]
     return TrainableParams(backbone, delta)
 
 
@@ -302,12 +334,10 @@ def largest_trainable_tensors(shapes: ModelShapes, plan: MethodPlan, generation:
             backbone.append(max([lin.out_features for lin in linears.values() if lin.has_bias] + [h]))
         for role in layer.lora_targets:                     # A: r × in, B: out × r
             delta.append(layer.lora_rank * max(linears[role].in_features, linears[role].out_features))
-        if layer.ia3:
-            delta.append(max([linears[r].out_features for r in IA3_OUTPUT_SCALED[shapes.family]]
-                             + [linears[r].in_features for r in IA3_INPUT_SCALED[shapes.family]]))
+        delta += [ia3_width(linears, r) for r in layer.ia3_out] + [linears[r].in_features for r in layer.ia3_in]
         for bottleneck in (layer.serial_adapter, layer.parallel_adapter):
             delta.append(h * bottleneck)
-    prefix_layers = sum(1 for layer in plan.layers if layer.prefix_tokens)
+    prefix_layers = sum(1 for layer in plan.layers if layer.prefix_tokens and layer.prefix_direct)
     if prefix_layers:                                        # one (L, 2, n, kv) tensor for every layer
         delta.append(prefix_layers * 2 * max(layer.prefix_tokens for layer in plan.layers) * shapes.kv_dim)
     if plan.embeddings:
@@ -321,4 +351,5 @@ def largest_trainable_tensors(shapes: ModelShapes, plan: MethodPlan, generation:
     if plan.prompt_encoder_hidden:
         e = plan.prompt_encoder_hidden
         delta.append(max(h * e, e * e))
+    delta.append(prefix_encoder_params(shapes, plan)[1])
     return TrainableParams(max(backbone), max(delta))

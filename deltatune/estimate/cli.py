@@ -2,12 +2,9 @@
 
     total = weights + gradients + optimizer + activations + overhead          (GiB, printed "GB")
 
-The seed model adds every line as if all were alive at once. The detailed model gives what is alive at the
-step's peak (`detailed.step_peak`): the gradients and saved activations of that moment, the transients
-beside them in the overhead, and names the phase (forward, backward, optimizer step).
-
-`estimate_for_model` returns one `MemoryEstimate` per method (for the CLI, and for comparing with
-measured training steps); `hardware_table` sets our numbers beside the seed's LLaMA-Factory table.
+The numbers come from `total.estimate_for_model` (one `MemoryEstimate` per method, each method's delta sizes
+from its own Config); this file parses the flags, prints the table, sets our numbers beside the seed's
+LLaMA-Factory table (`hardware_table`), and hands `--measure` to `measure`.
 """
 
 from __future__ import annotations
@@ -18,192 +15,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from deltatune.errors import UserError
-from deltatune.estimate import (
-    CLASSIFIER_ONLY,
-    GIB,
-    METHODS,
-    OPTIMIZERS,
-    QUANT_CONSTANT_BITS,
-    DeltaSettings,
-    MethodPlan,
-    Precision,
-    TrainableParams,
-    classifier_bias,
-    count_trainable,
-    head_params,
-    largest_trainable_tensors,
-    layer_delta_params,
-    plan_for_method,
-    precision_for,
-    quantized_matrix_params,
-)
-from deltatune.estimate.detailed import ActivationReport, RunSettings, StepPeak, activation_report, step_peak
-from deltatune.estimate.seed import (
-    HARDWARE_MODELS,
-    HARDWARE_ROWS,
-    SEED_CUDA_CONTEXT_BYTES,
-    optimizer_state_bytes,
-    rule_of_thumb_bytes,
-    seed_components,
-    seed_hidden_states_bytes,
-)
+from deltatune.estimate import CLASSIFIER_ONLY, GIB, METHODS, PROJECTED, plan_for_method, precision_for
+from deltatune.estimate.measure import MEASURABLE, format_measurements, measure_methods, measurements_json
+from deltatune.estimate.seed import HARDWARE_MODELS, HARDWARE_ROWS, rule_of_thumb_bytes
 from deltatune.estimate.shapes import ModelShapes, load_shapes
+from deltatune.estimate.total import MemoryEstimate, estimate_for_model
 
-ACTIVATION_MODELS = ("seed", "detailed")
-DEVICES = ("cuda", "cpu")
+__all__ = ["estimate", "estimate_for_model", "format_estimates", "hardware_table"]
+
 TASKS = ("classification", "generation")
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """Memory of one training step of one method, in GiB."""
-
-    method: str
-    trainable_params: int
-    weights_gb: float
-    gradients_gb: float
-    """Seed: every gradient. Detailed: the gradients formed by the step's peak (none at the top of backward:
-    zero_grad(set_to_none=True) freed them)."""
-    optimizer_gb: float
-    activations_gb: float
-    """From the model named in `activations_model`; detailed: the saved activations alive at the peak."""
-    overhead_gb: float
-    """CUDA context (GPU) + the short-lived tensors at the peak (detailed model)."""
-    activations_model: str
-    seed_activations_gb: float
-    detailed_activations_gb: float
-    """Everything the detailed model saves for backward (alive together at the top of backward)."""
-    peak_phase: str = "all at once"
-    """Where the step peaks: forward, backward (loss / layers / embeddings) or optimizer step; the seed
-    formula adds every line as if all were alive at once."""
-
-    @property
-    def total_gb(self) -> float:
-        return self.weights_gb + self.gradients_gb + self.optimizer_gb + self.activations_gb + self.overhead_gb
-
-    def to_json(self) -> dict[str, float | int | str]:
-        row = asdict(self)
-        row["total_gb"] = self.total_gb
-        return {key: round(value, 4) if isinstance(value, float) else value for key, value in row.items()}
-
-
-def parameters_in_memory(shapes: ModelShapes, generation: bool, num_labels: int, classifier_has_bias: bool = True) -> int:
-    """Backbone parameters loaded for the task: with the LM head for generation, a classifier otherwise."""
-    body = shapes.embedding_params() + shapes.layers * shapes.layer_params() + shapes.top_params()
-    return body + (shapes.lm_head_params() if generation
-                   else head_params(shapes, False, num_labels, classifier_has_bias))
-
-
-def weight_bytes(shapes: ModelShapes, plan: MethodPlan, precision: Precision, generation: bool,
-                 num_labels: int) -> float:
-    """k-bit frozen matrices · (bits + constants)/8 + other frozen · frozen_bytes + trained + deltas (the
-    autocast fp16 copy of trained weights under AMP lives from forward to backward: `detailed_peak`)."""
-    trainable = count_trainable(shapes, plan, generation, num_labels)
-    bits = precision.quantized_bits
-    quantized = quantized_matrix_params(shapes, plan) if bits else 0
-    in_memory = parameters_in_memory(shapes, generation, num_labels, classifier_bias(shapes, plan.backprop))
-    frozen = in_memory - trainable.backbone - quantized
-    total = quantized * (bits + QUANT_CONSTANT_BITS[bits]) / 8 if bits else 0.0
-    total += frozen * precision.frozen_bytes + trainable.backbone * precision.trained_bytes
-    total += trainable.delta * precision.delta_bytes
-    return total
-
-
-def gradient_bytes(trainable: TrainableParams, precision: Precision) -> float:
-    return trainable.backbone * precision.trained_bytes + trainable.delta * precision.delta_bytes
-
-
-def optimizer_temporary_bytes(optimizer: str, device: str, trainable: TrainableParams,
-                              largest: TrainableParams, precision: Precision) -> float:
-    """AdamW's update allocates sqrt(v), then sqrt(v)/bias-correction: on the CPU (a loop over tensors) two
-    of the largest tensor; on CUDA (foreach) one copy of every parameter of a dtype group at once. SGD
-    updates in place and 8-bit Adam runs a fused kernel: nothing."""
-    if optimizer != "adamw":
-        return 0.0
-    if device == "cpu":
-        return 2 * max(largest.backbone * precision.trained_bytes, largest.delta * precision.delta_bytes)
-    return max(trainable.backbone * precision.trained_bytes, trainable.delta * precision.delta_bytes)
-
-
-def detailed_peak(shapes: ModelShapes, plan: MethodPlan, report: ActivationReport, precision: Precision,
-                  optimizer: str, device: str, generation: bool, num_labels: int) -> StepPeak:
-    """The step's peak above weights and optimizer states: when each gradient forms (the head's first,
-    each layer's as backward passes it, the embeddings' and soft prompts' last) and what is alive then
-    (under AMP the fp16 copies autocast makes of trained weights, saved by their matmuls for backward)."""
-    trainable = count_trainable(shapes, plan, generation, num_labels)
-    layers = tuple(gradient_bytes(layer_delta_params(shapes, layer), precision) for layer in plan.layers)
-    embeddings = shapes.embedding_params() if plan.embeddings else 0
-    tied_top = generation and plan.head and shapes.tied_embeddings and plan.embeddings  # the LM head's dW
-    prompts = TrainableParams(0, trainable.delta - sum(layer_delta_params(shapes, layer).delta
-                                                       for layer in plan.layers))
-    bottom = (0 if tied_top else embeddings) * precision.trained_bytes + gradient_bytes(prompts, precision)
-    top = gradient_bytes(trainable, precision) - sum(layers) - bottom
-    tied_lookup = shapes.vocab * shapes.hidden * precision.trained_bytes if tied_top else 0.0
-    largest = largest_trainable_tensors(shapes, plan, generation, num_labels)
-    return step_peak(report, backprop=plan.backprop, top_gradient_bytes=top, layer_gradient_bytes=layers,
-                     bottom_gradient_bytes=bottom, embedding_backward_bytes=tied_lookup,
-                     autocast_copy_bytes=2 * trainable.total if precision.amp_copy else 0.0,
-                     optimizer_temporary_bytes=optimizer_temporary_bytes(optimizer, device, trainable, largest,
-                                                                         precision))
-
-
-def estimate_for_model(shapes: ModelShapes | str, methods: Sequence[str], *, batch_size: int = 8,
-                       seq_len: int = 128, dtype: str = "fp32", optimizer: str = "adamw",
-                       activations: str = "detailed", gradient_checkpointing: bool = False,
-                       num_virtual_tokens: int = 20, num_labels: int = 2, attention: str = "eager",
-                       device: str = "cuda", generation: bool | None = None,
-                       settings: DeltaSettings | None = None) -> list[MemoryEstimate]:
-    """One `MemoryEstimate` per method. `shapes` is a ModelShapes or anything `load_shapes` accepts;
-    `generation` defaults to True for decoders (LM loss) and False for encoders (classifier)."""
-    shapes = load_shapes(shapes) if isinstance(shapes, str) else shapes
-    generation = shapes.is_decoder if generation is None else generation
-    settings = settings or DeltaSettings(num_virtual_tokens=num_virtual_tokens)
-    checks = [(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"),
-              (seq_len >= 1, f"seq_len must be >= 1, got {seq_len}"),
-              (generation or num_labels >= 1, f"num_labels must be >= 1, got {num_labels}"),
-              (optimizer in OPTIMIZERS, f"unknown optimizer {optimizer!r} (choose from {', '.join(OPTIMIZERS)})"),
-              (activations in ACTIVATION_MODELS, f"unknown activations model {activations!r} (seed or detailed)"),
-              (device in DEVICES, f"unknown device {device!r} (cuda or cpu)"),
-              (len(methods) > 0, "no method given")]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
-    estimates = []
-    for method in methods:
-        precision = precision_for(dtype, method)
-        plan = plan_for_method(method, shapes, generation, settings)
-        if precision.quantized_bits and method == "full":
-            raise UserError(f"full fine-tuning cannot train {precision.name} weights: use bf16 or a PEFT method")
-        trainable = count_trainable(shapes, plan, generation, num_labels)
-        run = RunSettings(batch_size, seq_len, precision.activation_bytes, precision.delta_bytes, attention,
-                          gradient_checkpointing, device, generation, num_labels)
-        report = activation_report(shapes, plan, run)
-        seed_activations = seed_hidden_states_bytes(shapes, batch_size, seq_len, precision.activation_bytes)
-        phase = "all at once"
-        if activations == "seed":
-            parts = seed_components(shapes, trainable.total, precision, optimizer, batch_size, seq_len,
-                                    full=method == "full")
-        else:
-            states_backbone = optimizer_state_bytes(optimizer, precision.trained_bytes)
-            states_delta = optimizer_state_bytes(optimizer, precision.delta_bytes)
-            context = SEED_CUDA_CONTEXT_BYTES if device == "cuda" else 0.0
-            peak = detailed_peak(shapes, plan, report, precision, optimizer, device, generation, num_labels)
-            phase = peak.phase
-            parts = {  # features: fitted by scikit-learn, no autograd gradients nor optimizer
-                "weights": weight_bytes(shapes, plan, precision, generation, num_labels),
-                "gradients": peak.gradients_bytes,
-                "optimizer": (trainable.backbone * states_backbone + trainable.delta * states_delta
-                              if plan.backprop else 0.0),
-                "activations": peak.activations_bytes,
-                "overhead": context + peak.transient_bytes,
-            }
-        estimates.append(MemoryEstimate(
-            method=method, trainable_params=trainable.total, weights_gb=parts["weights"] / GIB,
-            gradients_gb=parts["gradients"] / GIB, optimizer_gb=parts["optimizer"] / GIB,
-            activations_gb=parts["activations"] / GIB, overhead_gb=parts["overhead"] / GIB,
-            activations_model=activations, seed_activations_gb=seed_activations / GIB,
-            detailed_activations_gb=report.total_bytes / GIB, peak_phase=phase))
-    return estimates
 
 
 @dataclass(frozen=True)
@@ -265,6 +85,9 @@ def format_estimates(shapes: ModelShapes, estimates: list[MemoryEstimate], heade
     lines.append(f"GB = GiB (2**30 bytes). total = weights + gradients + optimizer + activations + overhead "
                  f"({used} activation model), each as alive at the step's peak; act.seed = the seed formula, "
                  "act.saved = all the detailed model saves for backward.")
+    if any(e.method in PROJECTED for e in estimates):
+        lines.append("qlora is a projection of the seed's table (LoRA as lora.Config sizes it, on a 4-bit backbone): "
+                     "no deltatune method implements it yet.")
     return "\n".join(lines)
 
 
@@ -312,21 +135,21 @@ def task_is_generation(task: str | None, shapes: ModelShapes) -> bool:
 
 def estimate(*, model: str = "all-minilm-l6-v2", method: list[str] | None = None, batch_size: int = 8, seq_len: int = 128,
              dtype: str = "fp32", optimizer: str = "adamw", activations: str = "detailed",
-             gradient_checkpointing: bool = False, num_virtual_tokens: int = 20, num_labels: int = 2,
+             gradient_checkpointing: bool = False, num_virtual_tokens: int | None = None, num_labels: int = 2,
              hardware_table: bool = False, json_: bool = False, attention: str = "eager", measure: bool = False,
              measure_steps: int = 3, threads: int = 1, task: str | None = None) -> int:
     """Estimate the GPU memory of one training step per method, from the model's shapes alone.
 
     Args:
         model: a known name (llama-2-7b, mistral-7b, bert-base-uncased, ...), a folder with config.json, or a config.json path.
-        method: methods, comma-separated and/or repeated (--method full --method lora,prompt): full, head, last2, features, lora, adalora, bitfit, adapter, prompt, prefix, ptuning, ia3, mam, qlora, or all (default: full,lora).
+        method: methods, comma-separated and/or repeated (--method full --method lora,prompt): full, head, last2, features, lora, adalora, bitfit, adapter, prompt, prefix, ptuning, ia3, mam, qlora (a projection: LoRA on a 4-bit backbone, no method yet), or all (default: full,lora). Each method's sizes are its Config's defaults.
         batch_size: sequences per training step.
         seq_len: tokens per sequence (prompt methods add their soft tokens).
         dtype: training dtype: fp32, bf16, fp16, amp (mixed precision), int8, 4bit, 2bit (k-bit frozen backbone).
         optimizer: adamw (2 states), sgd (none) or adam8bit (2 bytes per parameter).
         activations: activation model for the total: detailed (per-layer autograd accounting) or seed (the slide formula).
         gradient_checkpointing: keep only each layer's input and recompute the layer in backward.
-        num_virtual_tokens: soft tokens of prompt tuning, p-tuning, prefix tuning and MAM.
+        num_virtual_tokens: soft tokens of prompt tuning, p-tuning, prefix tuning and MAM (default: each method's own).
         num_labels: classifier outputs (classification tasks).
         hardware_table: print the seed's hardware table (7B-70B) beside our estimates instead.
         json_: print a JSON list, one object per method (or per hardware-table cell).
@@ -350,13 +173,6 @@ def estimate(*, model: str = "all-minilm-l6-v2", method: list[str] | None = None
         print(f"note: {' and '.join(skipped)} train only a classifier: not on a generation task "
               "(--task classification estimates them)", file=sys.stderr)
     if measure:
-        from deltatune.estimate.measure import (
-            MEASURABLE,
-            format_measurements,
-            measure_methods,
-            measurements_json,
-        )
-
         if dtype != "fp32" or optimizer != "adamw" or gradient_checkpointing:
             raise UserError("--measure trains as deltatune does on this machine: fp32, adamw, no checkpointing")
 

@@ -51,7 +51,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from deltatune.errors import UserError
-from deltatune.estimate import IA3_INPUT_SCALED, IA3_OUTPUT_SCALED, LayerDelta, MethodPlan
+from deltatune.estimate import LayerDelta, MethodPlan
 from deltatune.estimate.shapes import ModelShapes
 from deltatune.estimate.tape import ATTENTION_IMPLEMENTATIONS, Act, RunSettings, Tape
 
@@ -85,7 +85,7 @@ def projection(tape: Tape, x: Act, role: str, shapes: ModelShapes, layer: LayerD
     """One of the layer's matrices with what the method attaches: IA3 scales, LoRA on the side."""
     linear = shapes.layer_linears()[role]
     source = x
-    if layer.ia3 and role in IA3_INPUT_SCALED[shapes.family]:  # peft casts x to l's dtype, scales, casts back
+    if role in layer.ia3_in:  # x cast to l's dtype, scaled, cast back
         scaled = tape.scale(delta_input(tape, x, f"{role}.ia3", run), f"{role}.ia3_scaled_input", vector_trains=True)
         x = scaled.derived(scaled.name, itemsize=x.itemsize)
     y = tape.linear(x, role, linear.out_features, weight_trains=layer.all_weights,
@@ -94,7 +94,7 @@ def projection(tape: Tape, x: Act, role: str, shapes: ModelShapes, layer: LayerD
         tape.free(x)
     if role in layer.lora_targets:
         y = lora_branch(tape, source, y, layer.lora_rank, run)
-    if layer.ia3 and role in IA3_OUTPUT_SCALED[shapes.family]:
+    if role in layer.ia3_out:
         scaled = tape.scale(y, f"{role}.ia3_scaled", vector_trains=True)
         tape.free(y)
         y = scaled

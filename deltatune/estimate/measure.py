@@ -12,13 +12,13 @@ head, as `features.pooling_for` picks it).
 
 Each method runs in a fresh process, so what one leaves behind is not charged to the next. The
 estimate is asked for exactly what runs: the same batch, sequence, attention kernel, labels and the
-delta sizes of our methods' configs (adapter bottleneck, soft tokens, ...). Prefix tuning and MAM run
-their prefix without Li & Liang's MLP, as the estimator (and peft's default) counts it. The peak is
+method's own Config (adapter bottleneck, soft tokens, prefix MLP, ...), which both sides read. The peak is
 the kernel's high-water mark of resident memory (reset through /proc/self/clear_refs), not a sample.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -26,7 +26,18 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+from deltatune import backbone
+from deltatune.backbone import load_task_model, load_tokenizer, resolve_model_path
+from deltatune.batching import encode
+from deltatune.data import GENERATION
 from deltatune.errors import UserError
+from deltatune.estimate import METHODS, PROJECTED, plan_for_method
+from deltatune.estimate.shapes import load_shapes
+from deltatune.estimate.total import estimate_for_model
+from deltatune.memory import PeakMemory
+from deltatune.methods import resolve_method
+from deltatune.methods.base import count_parameters
+from deltatune.train import build_optimizer
 
 TOLERANCE = 0.15
 """The issue's bar: the detailed estimate within 15% of the measured peak."""
@@ -62,28 +73,6 @@ class Measurement:
         return self.estimated_mb / self.measured_mb - 1.0 if self.measured_mb > 0 else float("nan")
 
 
-def method_options(method: str) -> tuple[str, dict]:
-    """(registry name, options) that make our method match what the estimator counts for it."""
-    if method in ("prefix", "mam"):
-        return method, ({"projection": False} if method == "prefix" else {"prefix_projection": False})
-    return method, {}
-
-
-def delta_settings(method: str, hidden: int, options: dict | None = None):
-    """The estimator's DeltaSettings for our method's sizes (its defaults, or `options`)."""
-    from deltatune.estimate import DeltaSettings
-    from deltatune.methods import resolve_method
-
-    name, defaults = method_options(method)
-    _, config = resolve_method(name, {**defaults, **(options or {})})
-    tokens = getattr(config, "num_virtual_tokens", 20)
-    adapter = getattr(config, "bottleneck", None) or hidden // max(1, getattr(config, "reduction_factor", 16))
-    return DeltaSettings(num_virtual_tokens=tokens, lora_rank=getattr(config, "r", 8),
-                         adalora_initial_rank=getattr(config, "init_r", 12), adapter_bottleneck=adapter,
-                         mam_adapter_bottleneck=adapter,
-                         ptuning_encoder_hidden=getattr(config, "encoder_hidden_size", 0) or None)
-
-
 # ---- the child: one method, a few steps ---------------------------------------------------------------
 
 def _rss_mb(field: str = "VmRSS") -> float:
@@ -106,11 +95,6 @@ def _reset_peak() -> bool:
 def _train(spec: dict, batch_size: int, seq_len: int, steps: int) -> tuple[int, float]:
     """Load, apply, train `steps` steps on random tokens: (trainable parameters, seconds per step)."""
     import torch
-
-    from deltatune.backbone import load_task_model
-    from deltatune.methods import resolve_method
-    from deltatune.methods.base import count_parameters
-    from deltatune.train import build_optimizer
 
     method, config = resolve_method(spec["method"], spec["options"])
     pooling = "lm" if spec["generation"] else "hf"
@@ -146,9 +130,6 @@ def run_child(spec: dict) -> dict:
 
     import torch
 
-    import deltatune.backbone as backbone
-    from deltatune.memory import PeakMemory
-
     # The tokenizer is host memory no estimate covers (a GPU never holds it; 9 MB for MiniLM, 22 MB for
     # SmolLM2): the warm-up loads it before the baseline and the measured load reuses it.
     backbone.load_tokenizer = functools.cache(backbone.load_tokenizer)
@@ -169,8 +150,7 @@ def measure_in_child(model: str, method: str, *, batch_size: int, seq_len: int, 
                      generation: bool = False, decoder: bool = False, num_labels: int = 2, threads: int = 1,
                      options: dict | None = None, label: str | None = None) -> Measurement:
     """Run `run_child` in a fresh Python process and read its Measurement."""
-    name, defaults = method_options(method)
-    spec = {"model": model, "method": name, "options": {**defaults, **(options or {})}, "label": label or method,
+    spec = {"model": model, "method": method, "options": dict(options or {}), "label": label or method,
             "batch_size": batch_size, "seq_len": seq_len, "steps": steps, "generation": generation,
             "decoder": decoder, "num_labels": num_labels, "threads": threads}
     proc = subprocess.run([sys.executable, "-m", "deltatune.estimate.measure", json.dumps(spec)],
@@ -187,11 +167,6 @@ def measure_in_child(model: str, method: str, *, batch_size: int, seq_len: int, 
 def measure_methods(model: str, methods: list[str], *, batch_size: int, seq_len: int, steps: int = 3,
                     num_labels: int = 2, threads: int = 1, generation: bool | None = None) -> list[Measurement]:
     """Measure each method and attach its detailed CPU estimate (MiB) for the same run."""
-    from deltatune.backbone import resolve_model_path
-    from deltatune.estimate import plan_for_method
-    from deltatune.estimate.cli import estimate_for_model
-    from deltatune.estimate.shapes import load_shapes
-
     path = resolve_model_path(MODEL_FOR_SHAPES.get(model.lower(), model))
     shapes = load_shapes(path)
     generation = shapes.is_decoder if generation is None else generation
@@ -211,7 +186,7 @@ def measure_methods(model: str, methods: list[str], *, batch_size: int, seq_len:
                                threads=threads)
         [estimate] = estimate_for_model(shapes, [method], batch_size=batch_size, seq_len=seq_len,
                                         attention=attention, device="cpu", generation=generation,
-                                        num_labels=num_labels, settings=delta_settings(method, shapes.hidden))
+                                        num_labels=num_labels)
         row.estimated_mb = estimate.total_gb * 1024
         rows.append(row)
     return rows
@@ -221,15 +196,6 @@ def add_memory_estimates(rows: list[dict], model: str | None, task, training, op
     """`estimated_memory_mb` of each `compare` row: the detailed estimate of its run (its device, precision,
     attention, dropout and delta sizes) at the longest training batch; methods the estimator does not model
     (icl, knn, intrinsic, s4) get none."""
-    import dataclasses
-
-    from deltatune.backbone import load_tokenizer, resolve_model_path
-    from deltatune.batching import encode
-    from deltatune.data import GENERATION
-    from deltatune.estimate import METHODS
-    from deltatune.estimate.cli import estimate_for_model
-    from deltatune.estimate.shapes import load_shapes
-
     path = resolve_model_path(model)
     try:
         shapes = load_shapes(path)
@@ -247,7 +213,7 @@ def add_memory_estimates(rows: list[dict], model: str | None, task, training, op
         shapes = dataclasses.replace(shapes, hidden_dropout=dropout, attention_dropout=dropout)
     for row in rows:
         method = row.get("method")
-        if method not in METHODS or method == "qlora":
+        if method not in METHODS or method in PROJECTED:
             continue
         device = "cuda" if str(row.get("device", "cpu")).startswith("cuda") else "cpu"
         attention = "sdpa" if training.attention == "sdpa" or (device == "cuda" and training.attention == "auto") \
@@ -257,7 +223,7 @@ def add_memory_estimates(rows: list[dict], model: str | None, task, training, op
                 shapes, [method], batch_size=training.batch_size, seq_len=seq_len, attention=attention,
                 device=device, dtype="bf16" if row.get("precision") == "bf16" else "fp32", generation=generation,
                 num_labels=len(task.label_names) if not generation else 2,
-                settings=delta_settings(method, shapes.hidden, options.get(method)))
+                options={method: options.get(method) or {}})
         except UserError:  # a method the estimator refuses for this task (head, features on generation)
             continue
         row["estimated_memory_mb"] = estimate.total_gb * 1024

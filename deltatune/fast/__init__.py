@@ -4,7 +4,7 @@
         │
     prepare(task_model, train_config)
         ├─ dropout      the backbone's own dropout layers set to --dropout (auto: 0, see README)
-        ├─ precision    --precision bf16: frozen weights stored in bf16, trainable ones fp32 (precision.py)
+        ├─ precision    --precision bf16: frozen weights in a bf16 storage (storage.py), trainable ones fp32
         ├─ fused q/k/v  frozen q, k, v projections of a layer as one matmul (fused.py)
         ├─ attention    --attention auto: explicit matmul + fp32 softmax on the CPU, SDPA on CUDA
         └─ compile      --compile: torch.compile of the training forward (widths padded to buckets)
@@ -31,6 +31,7 @@ from torch import nn
 
 from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
+from deltatune.evaluate import forward_batch
 from deltatune.fast import attention as attention_impl
 from deltatune.fast.fused import fuse_qkv, unfuse
 from deltatune.fast.precision import PRECISIONS, resolve_precision, to_bf16_compute
@@ -171,8 +172,6 @@ def pad_width(batch: dict, multiple: int, pad_id: int) -> dict:
 def training_forward(task_model: TaskModel, cache=None) -> Callable[[dict], Any]:
     """batch -> model output for the training loop: `forward_batch`, or with --compile (and no frozen-
     prefix cache, whose rows change shape) the compiled model on widths padded to COMPILE_BUCKET."""
-    from deltatune.evaluate import forward_batch
-
     info = active(task_model)
     if info is None or info.restored or not info.compile or cache is not None:
         return functools.partial(forward_batch, task_model, cache=cache)

@@ -16,29 +16,33 @@ trainable weight; there is nothing frozen to store in bf16 there.
 The optimizer and its state only ever see fp32 parameters: a trainable backbone weight (full
 fine-tuning, BitFit biases) keeps its fp32 value as the parameter itself and each forward uses a bf16
 copy (`w.to(bf16)`, which autograd turns back into an fp32 gradient), so the "bf16 working copy + fp32
-master" of mixed-precision training needs no extra optimizer code. Modules change class in place
-(`BF16Linear` is an `nn.Linear`): parameter names, and so deltas and peft exports, stay as they were.
-The fp32 values of the cast weights wait in a temporary file; `Originals.restore()` puts them and the
-classes back after training, so what is tested and saved is the plain fp32 model.
+master" of mixed-precision training needs no extra optimizer code. No module changes class: the
+projections compute through a `BF16Weight` storage (deltatune/storage.py, the interface every frozen-
+weight kind meets), norms and the head through forward hooks; parameter names, and so deltas and peft
+exports, stay as they were. The fp32 values of the cast weights wait in a temporary file;
+`Originals.restore()` puts them back and detaches the storages and hooks after training, so what is
+tested and saved is the plain fp32 model.
 """
 
 from __future__ import annotations
 
-import functools
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
+from deltatune import storage
 from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
+from deltatune.storage import is_projection
 
-COMPUTE_DTYPE = torch.bfloat16
+__all__ = ["COMPUTE_DTYPE", "PRECISIONS", "is_projection", "resolve_precision", "to_bf16_compute"]
+
+COMPUTE_DTYPE = storage.BF16Weight.dtype
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -60,69 +64,24 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return requested
 
 
-# ---- module classes: the same modules, another forward ---------------------------------------------------
+# ---- the dtype policy: storages for projections, hooks for norms and the head --------------------------
 
-def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return t if t is None or t.dtype == dtype else t.to(dtype)
-
-
-class BF16Linear(nn.Linear):
-    """An nn.Linear that computes in bf16 whatever its input's and parameters' dtypes."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (..., in) -> (..., out) in bf16
-        return F.linear(_cast(x, COMPUTE_DTYPE), _cast(self.weight, COMPUTE_DTYPE), _cast(self.bias, COMPUTE_DTYPE))
+def _back_to_input_dtype(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+    # a norm: fp32 parameters, the norm upcasts its own statistics (nn.LayerNorm's mixed-dtype kernel,
+    # RMSNorm's .to(float32)); its output goes back to the stream's dtype
+    x = args[0] if args else next(iter(kwargs.values()))
+    return output.to(x.dtype)
 
 
-class BF16Embedding(nn.Embedding):
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        # ids: (B, T) -> (B, T, H) in bf16
-        return F.embedding(ids, _cast(self.weight, COMPUTE_DTYPE), self.padding_idx, self.max_norm,
-                           self.norm_type, self.scale_grad_by_freq, self.sparse)
-
-
-def _bf16_conv1d_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """GPT-2's Conv1D (weight stored (in, out)) in bf16."""
-    # x: (B, T, in) -> (B, T, out)
-    return torch.addmm(_cast(self.bias, COMPUTE_DTYPE), _cast(x, COMPUTE_DTYPE).reshape(-1, x.shape[-1]),
-                       _cast(self.weight, COMPUTE_DTYPE)).view(*x.shape[:-1], self.weight.shape[1])
-
-
-def _norm_forward(base: type):
-    def forward(self, x, *args, **kwargs):
-        # fp32 parameters; the norm itself upcasts its statistics (nn.LayerNorm's mixed-dtype kernel,
-        # RMSNorm's .to(float32)); the output goes back to the stream's dtype
-        return base.forward(self, x, *args, **kwargs).to(x.dtype)
-    return forward
-
-
-def _fp32_forward(base: type):
-    def forward(self, x, *args, **kwargs):
-        return base.forward(self, x.float() if torch.is_floating_point(x) else x, *args, **kwargs)
-    return forward
-
-
-@functools.cache
-def _subclass(base: type, kind: str) -> type:
-    """A subclass of `base` whose forward follows `kind` (bf16 / norm / fp32); cached per (base, kind)."""
-    if kind == "bf16" and issubclass(base, nn.Linear):
-        return BF16Linear if base is nn.Linear else type(f"BF16{base.__name__}", (base,), {"forward": BF16Linear.forward})
-    if kind == "bf16" and issubclass(base, nn.Embedding):
-        return BF16Embedding if base is nn.Embedding else type(f"BF16{base.__name__}", (base,),
-                                                               {"forward": BF16Embedding.forward})
-    if kind == "bf16":  # Conv1D
-        return type(f"BF16{base.__name__}", (base,), {"forward": _bf16_conv1d_forward})
-    forward = _norm_forward(base) if kind == "norm" else _fp32_forward(base)
-    return type(f"{kind.upper()}{base.__name__}", (base,), {"forward": forward, "_precision_base": base})
+def _input_to_fp32(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    # the head computes in fp32: its (floating) input is cast up
+    if args and torch.is_floating_point(args[0]) and args[0].dtype != torch.float32:
+        return (args[0].float(), *args[1:]), kwargs
+    return None
 
 
 def is_norm(module: nn.Module) -> bool:
     return "norm" in type(module).__name__.lower()
-
-
-def is_projection(module: nn.Module) -> bool:
-    # by the class or a base: parametrize (the intrinsic method) makes GPT-2's Conv1D a ParametrizedConv1D
-    return isinstance(module, (nn.Linear, nn.Embedding)) or any(c.__name__ == "Conv1D" for c in type(module).__mro__)
 
 
 @dataclass
@@ -138,11 +97,13 @@ class PrecisionReport:
 
 
 class Originals:
-    """The fp32 values of the weights cast to bf16, kept in a temporary file (not in memory) until
-    `restore` puts them back: after training the model is exactly the plain fp32 one again."""
+    """What `to_bf16_compute` changed, to undo: the storages attached, the hooks, and the fp32 values of
+    the weights cast to bf16, kept in a temporary file (not in memory) until `restore` puts them back:
+    after training the model is exactly the plain fp32 one again."""
 
     def __init__(self) -> None:
-        self.classes: list[tuple[nn.Module, type]] = []
+        self.attached: list[nn.Module] = []
+        self.hooks: list[torch.utils.hooks.RemovableHandle] = []
         self.params: list[nn.Parameter] = []
         self._dir: tempfile.TemporaryDirectory | None = None
 
@@ -154,49 +115,47 @@ class Originals:
                       Path(self._dir.name) / "fp32.safetensors")
 
     def restore(self) -> None:
-        for sub, cls in reversed(self.classes):
-            sub.__class__ = cls
+        for sub in reversed(self.attached):
+            storage.detach(sub)
+        for handle in self.hooks:
+            handle.remove()
         if self._dir is not None:
             values = load_file(Path(self._dir.name) / "fp32.safetensors")
             for i, p in enumerate(self.params):
                 p.data = values[str(i)].to(p.device)
             self._dir.cleanup()
-        self.classes, self.params, self._dir = [], [], None
+        self.attached, self.hooks, self.params, self._dir = [], [], [], None
 
 
 def to_bf16_compute(task_model: TaskModel) -> tuple[PrecisionReport, Originals]:
-    """Apply the table above to a task model after `method.apply` (its `requires_grad` flags are final);
-    `Originals.restore()` undoes it."""
+    """Apply the table above to a task model after `method.apply` (its `requires_grad` flags are final):
+    loaded projections compute through a `BF16Weight` storage, norms and the head keep fp32 behind
+    hooks. `Originals.restore()` undoes it."""
     module = task_model.module
     loaded = task_model.loaded_modules
     head_modules = {name.rpartition(".")[0] for name in task_model.head_names}
     report, originals = PrecisionReport(), Originals()
-    frozen: dict[int, nn.Parameter] = {}  # by id: a tied weight (embeddings = LM head) is cast once
+    stores: dict[int, tuple[nn.Parameter, storage.FrozenWeight]] = {}  # by id: a tied weight is cast once
     for name, sub in module.named_modules():
-        own = list(sub.parameters(recurse=False))
-        weighted = bool(own) or parametrize.is_parametrized(sub)  # parametrized: weights are functions
+        weighted = bool(list(sub.parameters(recurse=False))) or parametrize.is_parametrized(sub)
         if not weighted or sub not in loaded:  # no weights, or a method's own module: left alone
             continue
-        if name in head_modules:
-            kind = "fp32"
-        elif is_norm(sub):
-            kind = "norm"
+        if name in head_modules:  # fp32 compute: the input is cast up
+            originals.hooks.append(sub.register_forward_pre_hook(_input_to_fp32, with_kwargs=True))
+            report.fp32_modules += 1
+        elif is_norm(sub):  # fp32 parameters, the output back in the stream's dtype
+            originals.hooks.append(sub.register_forward_hook(_back_to_input_dtype, with_kwargs=True))
+            report.fp32_modules += 1
         elif is_projection(sub):
-            kind = "bf16"
+            kept = storage.BF16Weight(sub)
+            storage.attach(sub, kept)
+            originals.attached.append(sub)
+            report.bf16_modules += 1
+            stores.update({id(p): (p, kept) for p in kept.to_store()})
         else:
             report.untouched.append(name)
-            continue
-        originals.classes.append((sub, type(sub)))
-        sub.__class__ = _subclass(type(sub), kind)
-        if kind != "bf16":
-            report.fp32_modules += 1
-            continue
-        report.bf16_modules += 1
-        for p in own:  # frozen weights: stored in bf16; trainable ones stay fp32 masters
-            if not p.requires_grad and p.is_floating_point() and p.dtype != COMPUTE_DTYPE:
-                frozen[id(p)] = p
-    originals.save(list(frozen.values()))
-    for p in frozen.values():
-        p.data = p.data.to(COMPUTE_DTYPE)
-        report.bf16_mb += p.numel() * 2 / 2**20
+    originals.save([p for p, _ in stores.values()])
+    for p, kept in stores.values():
+        kept.store(p)
+        report.bf16_mb += p.numel() * p.element_size() / 2**20
     return report, originals

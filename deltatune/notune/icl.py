@@ -24,11 +24,11 @@ import torch
 from tqdm.auto import tqdm
 
 from deltatune.data import Example
+from deltatune.data.templates import CONTENT_FREE, PromptSpec, label_token_ids
 from deltatune.errors import UserError
 from deltatune.notune.index import VectorIndex, example_index, example_text
 from deltatune.notune.prompts import PromptBuilder
 from deltatune.notune.scoring import LabelScorer, LanguageModel, calibrate
-from deltatune.notune.templates import CONTENT_FREE, PromptSpec, label_token_ids
 
 SELECTIONS = ("random", "retrieved")
 CHUNK = 128  # queries per scoring call (progress granularity)

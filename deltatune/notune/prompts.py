@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from deltatune.data import Example
+from deltatune.data.templates import PromptSpec
 from deltatune.errors import UserError
 from deltatune.notune.scoring import start_ids
-from deltatune.notune.templates import PromptSpec
 
 SEPARATOR = "\n\n"
 

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from deltatune.backbone import TaskModel
+from deltatune.data.templates import PromptSpec, Template, label_token_ids, prompt_spec
 from deltatune.errors import UserError
-from deltatune.notune.templates import PromptSpec, Template, label_token_ids, prompt_spec
 
 
 class TemplateTokenizer:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deltatune.errors import UserError
+from deltatune.options import option
 
 TEXT, PAIR, LABEL = "{text}", "{text_pair}", "{label}"
 CONTENT_FREE = ("N/A", "", "[MASK]")
@@ -162,13 +163,13 @@ class PromptArgs:
     """Prompt template with {text} and {label} (\\n for a newline); default: the task's own."""
     verbalizer: str | None = None
     """Label words as LABEL=WORD,..., e.g. fresh=great,rotten=terrible; default: the task's own."""
-    shots: int | None = None
+    shots: int | None = option(None, ge=0)
     """icl: demonstrations in the prompt (0 zero-shot, 1 one-shot, k few-shot)."""
-    demos: str | None = None
+    demos: str | None = option(None, choices=("random", "retrieved"))
     """icl: how demonstrations are chosen: random (seeded) or retrieved (nearest training examples)."""
     calibrate: bool = False
     """icl: contextual calibration (Zhao et al. 2021) against content-free inputs."""
-    objective: str = "head"
+    objective: str = option("head", choices=("head", "verbalizer"))
     """Tuned methods on decoders: head (a new classifier) or verbalizer (PET/LM-BFF: LM-head logits at the label words)."""
 
     def given(self) -> dict[str, Any]:
