@@ -74,3 +74,41 @@ def test_a_deferred_head_gives_the_models_own_loss_and_gradients(tiny_dir, kind)
     undo()
     torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, reference)
     assert model(input_ids=ids).logits.shape[-1] == model.config.vocab_size
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_training_path_uses_the_chunked_loss_with_the_same_gradients(tiny_dir, kind, checkpointing):
+    """Generation training goes through the chunked loss by default (evaluation keeps real logits), with
+    gradient checkpointing too; --attention model keeps transformers' own loss."""
+    from deltatune import fast
+    from deltatune.backbone import load_task_model
+    from deltatune.config import TrainConfig
+    from deltatune.evaluate import forward_batch
+    from deltatune.methods import resolve_method
+    from deltatune.train import gradient_checkpointing
+
+    torch.manual_seed(0)
+    tm = load_task_model(tiny_dir(kind), num_labels=0, pooling="lm")
+    method, config = resolve_method("lora", {"target_modules": "query,value,ffn_out"})
+    method.apply(tm, config)
+    info = fast.prepare_for_training(tm, TrainConfig(precision="fp32", dropout="0"))
+    assert info.lm_loss == "chunked"
+    ids = torch.randint(5, 99, (2, 10))
+    labels = ids.clone()
+    labels[:, :4] = IGNORE
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "keys": None}
+    params = [p for p in tm.module.parameters() if p.requires_grad]
+    with gradient_checkpointing(tm, checkpointing):
+        tm.module.train()
+        chunked = fast.training_forward(tm)(batch)
+        assert chunked.logits.shape[-1] == tm.module.config.hidden_size  # hidden states: no vocab logits
+        g_chunked = torch.autograd.grad(chunked.loss, params)
+        plain = forward_batch(tm, batch)
+        assert plain.logits.shape[-1] == tm.module.config.vocab_size
+        g_plain = torch.autograd.grad(plain.loss, params)
+    torch.testing.assert_close(chunked.loss, plain.loss)
+    for a, b in zip(g_chunked, g_plain):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    fast.restore(tm)
+    assert fast.prepare_for_training(tm, TrainConfig(attention="model")).lm_loss == "model"

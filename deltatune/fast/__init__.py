@@ -6,7 +6,10 @@
         ├─ dropout      the backbone's own dropout layers set to --dropout (auto: 0, see README)
         ├─ precision    --precision bf16: frozen weights in a bf16 storage (storage.py), trainable ones fp32
         ├─ fused q/k/v  frozen q, k, v projections of a layer as one matmul (fused.py)
-        ├─ attention    --attention auto: explicit matmul + fp32 softmax on the CPU, SDPA on CUDA
+        ├─ attention    --attention auto: explicit matmul + fp32 softmax on the CPU (blockwise, keeping no
+        │               T x T probabilities, when they would be large), SDPA on CUDA
+        ├─ LM loss      generation: the LM head + cross-entropy over chunks of the labelled positions only
+        │               (lm_loss.py); --attention model keeps transformers' own head and loss
         └─ compile      --compile: torch.compile of the training forward (widths padded to buckets)
         │
     train_model(...)                         unchanged: AdamW on the fp32 trainable parameters
@@ -34,6 +37,7 @@ from deltatune.errors import UserError
 from deltatune.evaluate import forward_batch
 from deltatune.fast import attention as attention_impl
 from deltatune.fast.fused import fuse_qkv, unfuse
+from deltatune.fast.lm_loss import defer_lm_head, with_deferred_head
 from deltatune.fast.precision import PRECISIONS, resolve_precision, to_bf16_compute
 
 DEFAULT_DROPOUT = 0.0
@@ -51,6 +55,8 @@ class FastPath:
     dropout: float | None
     """The backbone's dropout rate during training (None: the checkpoint's own rates)."""
     compile: bool = False
+    lm_loss: str = "model"
+    """'chunked' (generation: the head and loss over chunks of the labelled positions) or 'model'."""
     fused_layers: int = 0
     """Layers whose frozen q/k/v projections run as one matmul."""
     bf16_modules: int = 0
@@ -122,6 +128,11 @@ def prepare(task_model: TaskModel, precision: str = "auto", attention: str = "au
     info.attention, previous = attention_impl.set_attention(task_model.module,
                                                             attention_impl.resolve(attention, device))
     info._undo.append(lambda: attention_impl.reset_attention(task_model.module, previous))
+    if task_model.pooling == "lm" and attention != "model":
+        undo = defer_lm_head(task_model.module)  # applies to this model? (toggled per training call)
+        if undo is not None:
+            undo()
+            info.lm_loss = "chunked"
     task_model.module.fast_path = info
     return info
 
@@ -173,13 +184,17 @@ def training_forward(task_model: TaskModel, cache=None) -> Callable[[dict], Any]
     """batch -> model output for the training loop: `forward_batch`, or with --compile (and no frozen-
     prefix cache, whose rows change shape) the compiled model on widths padded to COMPILE_BUCKET."""
     info = active(task_model)
-    if info is None or info.restored or not info.compile or cache is not None:
-        return functools.partial(forward_batch, task_model, cache=cache)
-    compiled = torch.compile(task_model.module, dynamic=False)
-    pad_id = task_model.tokenizer.pad_token_id
+    on = info is not None and not info.restored
+    if not on or not info.compile or cache is not None:
+        forward = functools.partial(forward_batch, task_model, cache=cache)
+    else:
+        compiled = torch.compile(task_model.module, dynamic=False)
+        pad_id = task_model.tokenizer.pad_token_id
 
-    def forward(batch: dict):
-        inputs = pad_width({k: v for k, v in batch.items() if k != "keys"}, COMPILE_BUCKET, pad_id)
-        return compiled(**inputs)
+        def forward(batch: dict):
+            inputs = pad_width({k: v for k, v in batch.items() if k != "keys"}, COMPILE_BUCKET, pad_id)
+            return compiled(**inputs)
 
+    if on and info.lm_loss == "chunked":  # only the loss is needed: no (T, vocab) logits
+        return with_deferred_head(forward, task_model.module)
     return forward

@@ -107,11 +107,30 @@ def defer_lm_head(model: torch.nn.Module):
             return mean * scored / num_items_in_batch
         return mean
 
+    previous = head.__dict__.get("forward"), model.__dict__.get("_loss_function")  # e.g. a storage's forward
     head.forward = lambda hidden: hidden
     model.loss_function = loss
 
     def undo() -> None:
-        del head.forward
-        del model._loss_function
+        for owner, name, before in ((head, "forward", previous[0]), (model, "_loss_function", previous[1])):
+            if before is None:
+                owner.__dict__.pop(name, None)
+            else:
+                owner.__dict__[name] = before
 
     return undo
+
+
+def with_deferred_head(forward, model: torch.nn.Module):
+    """A training forward whose loss is the chunked one (the head deferred only inside each call: the
+    backward needs no head forward, and evaluation sees the model's own logits)."""
+
+    def deferred(batch):
+        undo = defer_lm_head(model)
+        try:
+            return forward(batch)
+        finally:
+            if undo is not None:
+                undo()
+
+    return deferred
