@@ -135,10 +135,29 @@ def evaluate_lm(task_model: TaskModel, rows: list[Encoded], batch_size: int = 64
             "inference_ms_per_example": 1000 * (time.perf_counter() - start) / max(1, len(rows))}
 
 
+def decodes_alone(module: torch.nn.Module) -> str | None:
+    """Why a task model cannot decode in deltatune's loop (`deltatune.decoding`), or None.
+
+    Encoder-decoders (T5) keep transformers' `generate`: the loop's KV cache holds a decoder's self-
+    attention only (no cross-attention over encoder outputs). A prefix on some layers only (S4) has no
+    place in a cache row, whose slots every layer shares."""
+    if getattr(module.config, "is_encoder_decoder", False):
+        return "an encoder-decoder model decodes through transformers' generate, one sequence at a time"
+    hooks = getattr(module, "prefix_hooks", None)
+    if hooks is not None and getattr(hooks, "rows", None) is not None:
+        return "a prefix on some layers only decodes through transformers' generate"
+    return None
+
+
 @torch.no_grad()
 def generate_texts(task_model: TaskModel, prompts: list[str], max_new_tokens: int = 64, sample: bool = False,
                    temperature: float = 0.7, top_p: float = 0.9, seed: int = 0) -> list[str]:
-    """One reply per prompt: greedy decoding, or sampling with temperature / top-p when `sample`."""
+    """One reply per prompt: greedy decoding, or sampling with temperature / top-p (and transformers'
+    default top-k of 50) when `sample`, prompt i with its own generator seeded `seed + i`.
+
+    Decoders run deltatune's decode loop, every prompt in one batch with its own KV-cache row (soft
+    tokens and prefixes included); encoder-decoders (T5) decode one prompt at a time through
+    transformers' `generate` (`decodes_alone`)."""
     if max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
     if sample and (temperature <= 0 or not 0 < top_p <= 1):
@@ -146,15 +165,37 @@ def generate_texts(task_model: TaskModel, prompts: list[str], max_new_tokens: in
     module, tokenizer = task_model.module, task_model.tokenizer
     module.eval()
     seq2seq = is_seq2seq(task_model)
+    ids = [prompt_ids(tokenizer, prompt, seq2seq) for prompt in prompts]
+    if decodes_alone(module) is not None:
+        news = _transformers_generate(task_model, ids, max_new_tokens, sample, temperature, top_p, seed)
+        return [tokenizer.decode(new, skip_special_tokens=True).strip() for new in news]
+    from deltatune.decoding.loop import Decoder, Sampling, Sequence, decode
+    from deltatune.methods.prefix import prefix_of
+    from deltatune.methods.prompt import soft_tokens_of
+
+    eos = tokenizer.eos_token_id
+    soft, prefix = soft_tokens_of(module), prefix_of(module)
+    seqs = [Sequence(ids=row, soft_tokens=soft, prefix=prefix, sampling=Sampling(
+        max_new_tokens=max_new_tokens, temperature=temperature if sample else 0.0, top_p=top_p if sample else 1.0,
+        top_k=50 if sample else 0, seed=seed + i, stop_ids=() if eos is None else (eos,)))
+        for i, row in enumerate(ids)]
+    with Decoder(task_model.backbone, head=module.get_output_embeddings()) as decoder:
+        news = decode(decoder, seqs)
+    return [tokenizer.decode(new, skip_special_tokens=True).strip() for new in news]
+
+
+def _transformers_generate(task_model: TaskModel, ids: list[list[int]], max_new_tokens: int, sample: bool,
+                           temperature: float, top_p: float, seed: int) -> list[list[int]]:
+    """New token ids per prompt from transformers' `generate`, one prompt at a time (no padding)."""
+    module, tokenizer = task_model.module, task_model.tokenizer
     device = task_model.device()
     options = {"do_sample": True, "temperature": temperature, "top_p": top_p} if sample else {
         "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    torch.manual_seed(seed)
-    replies = []
-    for prompt in prompts:  # one at a time: no padding, so no left/right padding question
-        ids = torch.tensor([prompt_ids(tokenizer, prompt, seq2seq)], device=device)  # (1, T)
-        out = module.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+    news = []
+    for i, row in enumerate(ids):
+        torch.manual_seed(seed + i)
+        x = torch.tensor([row], device=device)  # (1, T)
+        out = module.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **options)
-        new = out[0] if seq2seq else out[0, ids.shape[1]:]  # (T_new,)
-        replies.append(tokenizer.decode(new, skip_special_tokens=True).strip())
-    return replies
+        news.append((out[0] if is_seq2seq(task_model) else out[0, x.shape[1]:]).tolist())  # (T_new,)
+    return news

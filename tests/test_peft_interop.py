@@ -9,6 +9,7 @@ BERT and Llama. Tolerance: max abs diff of logits <= 1e-4.
 import json
 
 import pytest
+import tiny
 import torch
 from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForSequenceClassification
@@ -292,6 +293,7 @@ def imported_prompt_logits(tiny_dir, tmp_path, kind, case, texts):
 @pytest.mark.parametrize("case", PROMPT_CASES)
 @pytest.mark.parametrize("kind", ["bert", "llama"])
 def test_import_of_a_peft_prompt_adapter_gives_the_same_logits(tiny_dir, tmp_path, kind, case):
+    tiny.skip_if_peft_refuses_prefix(case)
     texts = TEXTS if kind == "bert" or case.startswith("prefix") else EQUAL_LENGTH_TEXTS
     expected, ours, method = imported_prompt_logits(tiny_dir, tmp_path, kind, case, texts)
     assert method == case.split("-")[0]

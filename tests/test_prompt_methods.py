@@ -256,6 +256,9 @@ PEFT_CASES = [(name, kind) for kind in ("bert", "llama") for name in METHODS] + 
 def test_peft_export_gives_the_same_logits_and_imports_back(tiny_dir, tmp_path, name, kind):
     from deltatune.peft_format import export_peft, import_peft
 
+    if kind != "t5":
+        tiny.skip_if_peft_refuses_prefix(name)
+
     num_labels = 0 if kind == "t5" else 3
     tm, method, config = prepared(tiny_dir, name, kind, pooling="lm" if kind == "t5" else "hf", num_labels=num_labels)
     tiny.perturb(tm.module)

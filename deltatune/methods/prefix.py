@@ -14,16 +14,17 @@ embeddings and W2, b2 at zero, so P = P0 at step 0. (projection=False trains P f
 init=random: P0 = 0 and a default-initialised MLP, as peft does. Grouped-query attention: kv_dim is
 num_key_value_heads * head_dim (SmolLM2: 3 * 64), the prefix is repeated over query groups like K.
 
-Mechanism: transformers' cache. The prefix becomes a `PrefixCache` (a DynamicCache whose layers
-return [prefix; new] without storing new, so a recomputation under gradient checkpointing sees the
-same thing) passed as the cache argument (`past_key_values`, `cache` from transformers 5.24): the model extends its masks and shifts position ids by n
-itself (BERT: n + T must fit its 512 positions). The attention mask is extended by n. Gradient
-checkpointing drops the cache inside layers, so the cache also travels as `prefix_cache` and
-a hook on each attention module puts it back. A caller may pass `prefix_kv=(B, layers, 2, n, kv_dim)`
-(and `prefix_mask=(B, n)`) to the task model: different rows can carry different prefixes.
-`generate` works too: the prefix is written into its cache on the first step.
-With `layers` (S4's per-group prefixes), only those layers have a prefix: the others get n zero slots
-whose columns their attention mask hides, so every layer's cache has the same length.
+Mechanism: deltatune's attention functions (fast/attention.py). The backbone's forward gets a
+`PrefixContext` under the KV_KWARG keyword, which transformers hands down to every attention function
+(gradient checkpointing replays it): at each prefixed layer the function attends over [P_K ; K] and
+[P_V ; V] with n mask columns in front (per-row `prefix_mask`), and position ids start at n, as if the
+prefix were the first n tokens (BERT: n + T must fit its 512 positions). The model runs deltatune's
+attention while a prefix is installed (`needs_kv_attention`); transformers' cache argument is never
+used, so `generate` with its cache works too (the cache holds the real tokens, the prefix is added
+at every step). A caller may pass `prefix_kv=(B, layers, 2, n, kv_dim)` (and `prefix_mask=(B, n)`) to
+the task model: different rows can carry different prefixes. The decode loop (`deltatune.decoding`)
+instead writes a row's prefix into the first n slots of its KV cache (`prefix_of`).
+With `layers` (S4's per-group prefixes), only those layers have a prefix: the others attend as usual.
 Encoder-decoder models (T5): the prefix is in every encoder block's self-attention (`seq2seq.py`).
 """
 
@@ -34,33 +35,41 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from deltatune.backbone import TaskModel
+from deltatune.decoding.cache import CacheContext, KVCache, PrefixContext, attention_layers, kv_layout
 from deltatune.errors import UserError
+from deltatune.fast.attention import KV_KWARG, ensure_kv_attention, kv_attention
 from deltatune.methods.base import layer_selection, train_head
-from deltatune.methods.prompt import (
+from deltatune.methods.inputs import (
     ADAPTER,
-    CACHE_KWARGS,
-    cache_in,
-    cache_kwarg,
-    folded_state,
+    earlier_tokens,
     install_once,
-    load_folded,
     max_positions,
-    own_tensors,
     positional_kwargs,
+    prefix_layers,
+    refuse_reentrant,
+)
+from deltatune.methods.prompt import (
+    folded_state,
+    load_folded,
+    own_tensors,
     sampled_vocab_ids,
     set_encoder,
     text_ids,
     word_embeddings,
 )
+from deltatune.options import option
 
 if TYPE_CHECKING:
     from deltatune.methods.seq2seq import EncoderPrefixHooks
 
 NAME = "prefix"
 DEFAULT_LR = 5e-3
+ROW_INPUT = "prefix"
+"""Served per row: the engine puts each row's prefix in one cache (what `prefix_hooks` do alone)."""
+ROW_HOOKS = ("prefix_hooks",)
+ROW_TOP_MODULES = ("prompt_encoder",)
 PEFT_TYPE = "PREFIX_TUNING"
 PREFIX_KEY = f"prompt_encoder.{ADAPTER}.prefix"
 INITS = ("words", "random")
@@ -70,17 +79,17 @@ SEQ2SEQ_PEFT = ("peft's seq2seq prefix tuning puts the prefix into the decoder's
 
 @dataclass
 class Config:
-    num_virtual_tokens: int = 10
+    num_virtual_tokens: int = option(10, ge=1)
     """Number n of prefix positions per layer."""
     projection: bool = True
     """Train P = MLP(P') (Li & Liang's reparametrisation, folded away when saving); False: train P."""
-    encoder_hidden_size: int = 512
+    encoder_hidden_size: int = option(512, ge=1)
     """Hidden width of the reparametrisation MLP."""
-    init: str = "words"
+    init: str = option("words", choices=INITS)
     """words (activations of real tokens: init_text, else sampled frequent tokens) or random."""
     init_text: str | None = None
     """Text whose tokens' activations start the prefix (init=words)."""
-    layers: tuple[int, ...] | None = None
+    layers: tuple[int, ...] | None = option(None, ge=0)
     """Prefix only these transformer layers (indices from 0); the others attend to no prefix (their mask
     hides the n slots). None: every layer."""
 
@@ -98,84 +107,37 @@ class KVShape:
 
 def kv_shape(config) -> KVShape:
     """Keys/values per layer: num_key_value_heads (GQA) or num_attention_heads, times head_dim (T5: d_kv)."""
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or config.hidden_size // heads
-    return KVShape(config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, head_dim)
+    return KVShape(*kv_layout(config))
 
 
-# ---- the prefix as a cache -------------------------------------------------------------------------------
-
-class PrefixLayer(DynamicLayer):
-    """One layer's fixed prefix: update() returns [prefix; new] and stores nothing."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
-        super().__init__()
-        self.keys, self.values = keys, values  # (B, kv_heads, n, head_dim)
-        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        # key_states (B, kv_heads, T, head_dim) -> (B, kv_heads, n+T, head_dim)
-        return (torch.cat([self.keys.to(key_states.dtype), key_states], dim=-2),
-                torch.cat([self.values.to(value_states.dtype), value_states], dim=-2))
-
-
-def per_layer(prefix: torch.Tensor, shape: KVShape) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(B, L, 2, n, kv_dim) -> per layer (keys, values), each (B, kv_heads, n, head_dim)."""
-    b, layers, _, n, _ = prefix.shape
-    split = prefix.reshape(b, layers, 2, n, shape.kv_heads, shape.head_dim).permute(1, 2, 0, 4, 3, 5)
-    return [(kv[0], kv[1]) for kv in split]  # split: (L, 2, B, kv_heads, n, head_dim)
-
-
-class PrefixCache(DynamicCache):
-    """A per-call prefix in transformers' cache API (get_seq_length() = n shifts positions and masks)."""
-
-    def __init__(self, prefix: torch.Tensor, shape: KVShape):
-        super(DynamicCache, self).__init__(layers=[PrefixLayer(k, v) for k, v in per_layer(prefix, shape)])
-
-
-def refuse_reentrant(module: nn.Module, layers: nn.ModuleList) -> None:
-    """Reentrant checkpointing would backpropagate through the shared prefix once per layer."""
-    if not (module.training and torch.is_grad_enabled()):
-        return
-    for layer in layers:
-        func = getattr(layer, "_gradient_checkpointing_func", None)
-        if getattr(layer, "gradient_checkpointing", False) and \
-                getattr(func, "keywords", {}).get("use_reentrant", True) is not False:
-            raise UserError("prefix tuning needs non-reentrant gradient checkpointing: "
-                            "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})")
-
+# ---- the prefix in the attention functions ------------------------------------------------------------
 
 class PrefixHooks:
     """Installed once per task model: the top forward takes the prefix (own or per-call `prefix_kv`),
-    the backbone forward gets it as a cache, each attention module gets it back if checkpointing dropped it.
-
-    With a caller's cache (`generate`), the prefix is written into it on the first step and found
-    there on later ones; position ids the caller computes are shifted by n, as in training."""
+    the backbone forward gets it as a `PrefixContext` for its attention functions and position ids
+    shifted by n. Under `generate` (its cache holds the earlier real tokens: the attention mask or the
+    position ids reach past the new tokens) the positions continue from there, and the prefix is added
+    at every step."""
 
     def __init__(self, task_model: TaskModel, rows: list[int] | None = None):
         self.module, self.backbone = task_model.module, task_model.backbone
-        self.shape = kv_shape(self.backbone.config)
         self.max_positions = max_positions(self.backbone.config)
         self.layers = task_model.layers()
         self.rows = rows
         """The layers with a prefix (`layers` option); the encoder's output has one entry per row."""
-        self.causal = task_model.arch.is_decoder
-        self.backbone_cache = cache_kwarg(self.backbone)
-        self.width = 0
         self.pending: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        attentions = [layer.get_submodule(task_model.arch.attention) for layer in self.layers]
+        self.module.needs_kv_attention = True  # the fast path keeps deltatune's attention (fast/attention.py)
+        ensure_kv_attention(self.module)
         self.handles = [
             self.module.register_forward_pre_hook(self.before, with_kwargs=True),
             self.module.register_forward_hook(self.after, always_call=True),
             self.backbone.register_forward_pre_hook(self.before_backbone, with_kwargs=True),
-        ] + [attention.register_forward_pre_hook(self.before_attention, with_kwargs=True) for attention in attentions]
-        if rows is not None:
-            self.handles += [attention.register_forward_pre_hook(self.hide_prefix, with_kwargs=True)
-                             for i, attention in enumerate(attentions) if i not in rows]
+        ]
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+        self.module.needs_kv_attention = False
 
     def before(self, module, args, kwargs):
         prefix, mask = kwargs.pop("prefix_kv", None), kwargs.pop("prefix_mask", None)
@@ -185,69 +147,60 @@ class PrefixHooks:
             first = named.get("input_ids") if named.get("input_ids") is not None else named.get("inputs_embeds")
             if first is None:
                 return args, kwargs
-            prefix = module.prompt_encoder[ADAPTER]().unsqueeze(0).expand(first.shape[0], -1, -1, -1, -1)
-        if self.rows is not None and prefix.shape[1] != len(self.layers):  # zeros where no prefix (hidden)
-            full = prefix.new_zeros(prefix.shape[0], len(self.layers), *prefix.shape[2:])
-            full[:, self.rows] = prefix
-            prefix = full
-        self.pending = (prefix, mask)  # prefix (B, L, 2, n, kv_dim)
-        self.width = prefix.shape[3]
+            prefix = module.prompt_encoder[ADAPTER]().unsqueeze(0)  # (1, L, 2, n, kv_dim)
+        self.pending = (prefix, mask)  # prefix (B|1, L, 2, n, kv_dim)
         return args, kwargs
 
     def before_backbone(self, _backbone, args, kwargs):
         if self.pending is None:  # the backbone called directly, not through the task model
             return None
         (prefix, prefix_mask), self.pending = self.pending, None
+        ensure_kv_attention(self.backbone)  # in case something switched it since
         kwargs = positional_kwargs(args, kwargs)
         first = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
         b, t, n = first.shape[0], first.shape[1], prefix.shape[3]
-        cache = cache_in(kwargs)
-        for name in CACHE_KWARGS:
-            kwargs.pop(name, None)
-        seen = 0 if cache is None else cache.get_seq_length()
-        if self.max_positions is not None and (seen or n) + t > self.max_positions:  # seen counts the prefix
-            raise UserError(f"{n} prefix positions + {t} input tokens exceed the model's {self.max_positions} "
+        seen = earlier_tokens(kwargs, t)  # generate: the real tokens already in its cache
+        if self.max_positions is not None and n + seen + t > self.max_positions:
+            raise UserError(f"{n} prefix positions + {seen + t} input tokens exceed the model's {self.max_positions} "
                             "positions: lower --max-length or num_virtual_tokens")
-        if cache is None:  # training / classification: a cache that holds the prefix and nothing else
-            cache = kwargs["prefix_cache"] = PrefixCache(prefix, self.shape)
-        elif seen == 0:  # the first generation step: the caller's cache starts with the prefix
-            for i, (keys, values) in enumerate(per_layer(prefix, self.shape)):
-                cache.update(keys, values, i)
-        kwargs[self.backbone_cache] = cache
-        mask = kwargs.get("attention_mask")
-        if mask is not None or prefix_mask is not None:
-            mask = torch.ones(b, max(seen - n, 0) + t, dtype=torch.long, device=first.device) if mask is None else mask
-            prefix_mask = mask.new_ones(b, n) if prefix_mask is None else prefix_mask.to(mask.dtype)
-            kwargs["attention_mask"] = torch.cat([prefix_mask, mask], dim=1)  # (B, n + seen + T)
-        if kwargs.get("position_ids") is not None:  # the caller counted from 0: the prefix holds 0..n-1
-            kwargs["position_ids"] = kwargs["position_ids"] + n
+        positions = kwargs.get("position_ids")
+        if positions is None:  # the caller counted from 0: the prefix holds 0..n-1
+            positions = torch.arange(seen, seen + t, device=first.device).unsqueeze(0).expand(b, -1)
+        kwargs["position_ids"] = positions + n
+        layer_of = prefix_layers(self.backbone, self.rows, prefix.shape[1])
+        kwargs[KV_KWARG] = PrefixContext(prefix, layer_of, prefix_mask)
         return (), kwargs
-
-    def before_attention(self, attention, args, kwargs):
-        cache = kwargs.pop("prefix_cache", None)
-        if cache is not None and cache_in(kwargs) is None:  # dropped by gradient checkpointing
-            kwargs[cache_kwarg(attention)] = cache
-        return args, kwargs
-
-    def hide_prefix(self, _attention, args, kwargs):
-        """A layer outside `layers`: its attention mask hides the n prefix slots (which hold zeros)."""
-        n, positional = self.width, len(args) > 1 and "attention_mask" not in kwargs
-        mask = args[1] if positional else kwargs.get("attention_mask")
-        if mask is None:  # an encoder without padding: transformers passes no mask at all
-            if self.causal:
-                raise UserError("prefix tuning with `layers` needs an attention mask in a decoder")
-            hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, H)
-            mask = torch.ones(hidden.shape[0], 1, hidden.shape[1], n + hidden.shape[1], dtype=torch.bool,
-                              device=hidden.device)
-        else:  # (B, 1, T, n + seen + T), bool (sdpa) or additive float (eager)
-            mask = mask.clone()
-        mask[..., :n] = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
-        if positional:
-            return (args[0], mask, *args[2:]), kwargs
-        return args, {**kwargs, "attention_mask": mask}
 
     def after(self, _module, _args, _output) -> None:
         self.pending = None
+
+
+def prefix_of(module: nn.Module) -> torch.Tensor | None:
+    """A prefix model's prefix as served and decoded: P (L, 2, n, kv_dim) detached, or None (no prefix, or
+    one on some layers only, which a KV cache row cannot hold)."""
+    hooks = getattr(module, "prefix_hooks", None)
+    if hooks is None or getattr(hooks, "rows", None) is not None:
+        return None
+    with torch.no_grad():
+        return module.prompt_encoder[ADAPTER]().detach()
+
+
+def prefix_inputs(model: nn.Module, prefixes: list[torch.Tensor | None], mask: torch.Tensor) -> dict:
+    """The forward arguments that give a batch's rows their own prefixes: row b's (L, 2, n_b, kv_dim) in
+    the last n_b of n_max slots (the others masked), position ids n_b + t as alone. mask: (B, W)."""
+    ensure_kv_attention(model)
+    shape = kv_shape(model.config)
+    sizes = [p.shape[2] if p is not None else 0 for p in prefixes]
+    n_max, (batch, width) = max(sizes), mask.shape
+    first = next(p for p in prefixes if p is not None)
+    kv = first.new_zeros(batch, shape.layers, 2, n_max, shape.kv_dim)  # (B, L, 2, n_max, kv_dim)
+    keep = torch.zeros(batch, n_max, dtype=torch.bool, device=mask.device)
+    for b, (n, p) in enumerate(zip(sizes, prefixes)):
+        if p is not None:
+            kv[b, :, :, n_max - n:] = p
+            keep[b, n_max - n:] = True
+    positions = torch.tensor(sizes, device=mask.device)[:, None] + torch.arange(width, device=mask.device)
+    return {KV_KWARG: PrefixContext(kv, attention_layers(model), keep), "position_ids": positions}
 
 
 # ---- the trainable prefix ------------------------------------------------------------------------------
@@ -304,12 +257,18 @@ def word_activations(task_model: TaskModel, ids: list[int]) -> torch.Tensor:
 
         return encoder_word_activations(task_model, ids)
     backbone = task_model.backbone
-    cache = DynamicCache()  # filled by every attention layer (encoders too, when a cache is passed)
+    cache = KVCache.for_model(backbone, capacity=len(ids))  # one row, filled by every attention layer
+    n = len(ids)
+    context = CacheContext(cache, attention_layers(backbone), cache.add_rows(1),
+                           torch.tensor([n], device=cache.device), n, causal=task_model.arch.is_decoder)
     was_training = backbone.training
     backbone.eval()
-    backbone(input_ids=torch.tensor([ids], device=task_model.device()), past_key_values=cache, use_cache=True)
+    with kv_attention(backbone):
+        backbone(input_ids=torch.tensor([ids], device=task_model.device()), position_ids=context.positions(),
+                 use_cache=False, **{KV_KWARG: context})
+    context.finish()
     backbone.train(was_training)
-    layers = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]  # (2, kv_heads, n, hd)
+    layers = [torch.stack(cache.row_keys(layer, 0)) for layer in range(cache.layers)]  # (2, kv_heads, n, hd)
     return torch.stack(layers).transpose(2, 3).flatten(3).float()  # (L, 2, n, kv_heads * head_dim)
 
 

@@ -24,11 +24,10 @@ Encoder-decoder models (T5): the soft tokens go in front of the encoder's input 
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -36,28 +35,41 @@ from torch import nn
 from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
 from deltatune.methods.base import train_head, trainable_state
+from deltatune.methods.inputs import (
+    ADAPTER,
+    PLACEMENTS,
+    install_once,
+    is_decoding,
+    max_positions,
+    positional_kwargs,
+    shift_positions,
+    splice,
+)
+from deltatune.options import option
 
 if TYPE_CHECKING:
     from deltatune.methods.seq2seq import EncoderPromptHooks
 
 NAME = "prompt"
 DEFAULT_LR = 3e-2
-ADAPTER = "default"
+ROW_INPUT = "soft_tokens"
+"""Served per row: the engine splices each row's soft tokens in (what `prompt_hooks` do alone)."""
+ROW_HOOKS = ("prompt_hooks",)
+ROW_TOP_MODULES = ("prompt_encoder",)
 PEFT_TYPE = "PROMPT_TUNING"
 INITS = ("random", "vocab", "labels", "text")
-PLACEMENTS = ("start", "after_first")
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Config:
-    num_virtual_tokens: int = 20
+    num_virtual_tokens: int = option(20, ge=1)
     """Number n of soft tokens."""
-    init: str = "labels"
+    init: str = option("labels", choices=INITS)
     """random, vocab (sampled frequent tokens), labels (class names, then vocab) or text (init_text)."""
     init_text: str | None = None
     """The string whose token embeddings start the prompt (init=text)."""
-    insert_at: str = "start"
+    insert_at: str = option("start", choices=PLACEMENTS)
     """start (before everything; peft's layout, exportable) or after_first (after [CLS]/BOS)."""
 
 
@@ -142,51 +154,41 @@ def initial_prompt(task_model: TaskModel, config: Config) -> torch.Tensor:
 
 # ---- the forward hook that splices soft tokens into the input --------------------------------------------
 
-def splice(x: torch.Tensor, block: torch.Tensor, at: int) -> torch.Tensor:
-    """Insert block (B, n, ...) into x (B, T, ...) at sequence position `at`: (B, T+n, ...)."""
-    return torch.cat([x[:, :at], block, x[:, at:]], dim=1)
+def splice_soft_tokens(embeds: torch.Tensor, mask: torch.Tensor, types: torch.Tensor | None,
+                       soft: list[tuple[torch.Tensor, int] | None], pad: str = "right"):
+    """Each row as it would enter the backbone alone, [x_<at ; P_b ; x_≥at], padded to the longest.
+
+    embeds (B, T, H), mask (B, T) (rows right- or left-padded), types (B, T) or None, soft[b] = (P (n_b, H),
+    at) or None -> (B, W, H), (B, W), types (B, W) | None, each row's tokens at the `pad` side's other end.
+    Used by the serve engine's mixed pass (right) and by the decode loop's prefill."""
+    lengths = mask.sum(1).tolist()
+    sizes = [s[0].shape[0] if s is not None else 0 for s in soft]
+    width = max(t + n for t, n in zip(lengths, sizes))
+    out = embeds.new_zeros(embeds.shape[0], width, embeds.shape[2])  # (B, W, H)
+    out_mask = mask.new_zeros(mask.shape[0], width)
+    out_types = types.new_zeros(types.shape[0], width) if types is not None else None
+    for b, (t, n, s) in enumerate(zip(lengths, sizes, soft)):
+        real = mask[b].nonzero().flatten()  # (t,): the row's token positions, whichever side pads
+        x = embeds[b, real]  # (t, H)
+        at = min(s[1], t) if s is not None else t
+        row = x if s is None else torch.cat([x[:at], s[0].to(x.dtype), x[at:]])  # (t + n, H)
+        start = 0 if pad == "right" else width - t - n
+        out[b, start:start + t + n] = row
+        out_mask[b, start:start + t + n] = 1
+        if out_types is not None:
+            ty = types[b, real]
+            fill = ty[at:at + 1].expand(n) if n and 0 < at < t else ty.new_zeros(n)  # soft tokens: the type they follow
+            out_types[b, start:start + t + n] = torch.cat([ty[:at], fill, ty[at:]])
+    return out, out_mask, out_types
 
 
-def max_positions(config) -> int | None:
-    """Learned absolute position tables (BERT, GPT-2) cap the sequence length."""
-    if getattr(config, "position_embedding_type", "absolute") != "absolute" or config.model_type == "llama":
+def soft_tokens_of(module: nn.Module) -> tuple[torch.Tensor, int] | None:
+    """A prompt / P-tuning model's soft tokens as served: (P (n, H) detached, insert position), or None."""
+    hooks = getattr(module, "prompt_hooks", None)
+    if hooks is None or not isinstance(getattr(module, "prompt_encoder", None), nn.ModuleDict):
         return None
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-
-
-def positional_kwargs(args: tuple, kwargs: dict) -> dict:
-    """Every model forward here takes (input_ids, attention_mask, ...): name positional inputs."""
-    if len(args) > 2:
-        raise UserError("soft-token methods take the model inputs as keyword arguments")
-    return {**dict(zip(("input_ids", "attention_mask"), args)), **kwargs}
-
-
-def shift_positions(position_ids: torch.Tensor | None, n: int, at: int | None) -> torch.Tensor | None:
-    """Positions after n inserted slots: +n from `at` on, and at..at+n-1 for the slots (at=None: all +n)."""
-    if position_ids is None or at is None:
-        return None if position_ids is None else position_ids + n
-    slots = torch.arange(at, at + n, device=position_ids.device).expand(position_ids.shape[0], n)
-    return torch.cat([position_ids[:, :at], slots, position_ids[:, at:] + n], dim=1)
-
-
-CACHE_KWARGS = ("past_key_values", "cache")
-"""The names transformers gives the key/value cache argument (5.24 renamed `past_key_values` to `cache`)."""
-
-
-def cache_in(kwargs: dict) -> Any:
-    """The key/value cache a forward was given, under either name, or None."""
-    return next((kwargs[name] for name in CACHE_KWARGS if kwargs.get(name) is not None), None)
-
-
-def cache_kwarg(module: nn.Module) -> str:
-    """The name `module.forward` takes the cache by (transformers' decorators keep the real signature)."""
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
-
-
-def is_decoding(kwargs: dict) -> bool:
-    """A generation step after the first: the inserted slots already sit in the caller's cache."""
-    cache = cache_in(kwargs)
-    return cache is not None and cache.get_seq_length() > 0
+    with torch.no_grad():
+        return module.prompt_encoder[ADAPTER]().detach(), hooks.at
 
 
 class PromptHooks:
@@ -227,7 +229,7 @@ class PromptHooks:
         b, t = first.shape[:2]
         if prompts is None:
             prompts = self.module.prompt_encoder[ADAPTER]().unsqueeze(0).expand(b, -1, -1)  # (B, n, H)
-        n, decoding = prompts.shape[1], is_decoding(kwargs)
+        n, decoding = prompts.shape[1], is_decoding(kwargs, t)
         mask = kwargs.get("attention_mask")
         if mask is not None or not decoding:  # the slots count as attended
             mask = torch.ones(b, t, dtype=torch.long, device=first.device) if mask is None else mask
@@ -267,17 +269,6 @@ class PromptHooks:
                 and logits.shape[1] == cut[1] + cut[2]:  # per-token logits (LM): one per input token again
             at, n, _ = cut
             output.logits = torch.cat([logits[:, :at], logits[:, at + n:]], dim=1)  # (B, T, V)
-
-
-def install_once(task_model: TaskModel, attr: str, make_hooks: Callable[[], Any]) -> Any:
-    """Hooks made by `make_hooks` kept as `module.<attr>`, replacing (removing) earlier ones there; methods
-    with such hooks (soft tokens, prefixes) are never skipped by the frozen-prefix cache."""
-    module = task_model.module
-    if getattr(module, attr, None) is not None:
-        getattr(module, attr).remove()
-    setattr(module, attr, make_hooks())
-    module.no_prefix_cache = True
-    return getattr(module, attr)
 
 
 def install_hooks(task_model: TaskModel, insert_at: str) -> PromptHooks | EncoderPromptHooks:

@@ -24,6 +24,7 @@ from deltatune.errors import UserError
 from deltatune.methods.base import train_head
 from deltatune.methods.prompt import (
     ENCODER_KEY,
+    PLACEMENTS,
     SoftPrompt,
     folded_state,
     install_hooks,
@@ -34,26 +35,28 @@ from deltatune.methods.prompt import (
     soft_tokens_to_peft,
     word_embeddings,
 )
+from deltatune.options import option
 
 NAME = "ptuning"
 DEFAULT_LR = 1e-2  # rotten-tomatoes, 1000 examples, 2 epochs, mean pooling: 0.686 (1e-3: 0.584)
+ROW_INPUT, ROW_HOOKS, ROW_TOP_MODULES = "soft_tokens", ("prompt_hooks",), ("prompt_encoder",)  # as prompt tuning
 PEFT_TYPE = "P_TUNING"
 ENCODERS = ("mlp", "lstm")
 
 
 @dataclass
 class Config:
-    num_virtual_tokens: int = 20
+    num_virtual_tokens: int = option(20, ge=1)
     """Number n of virtual tokens."""
-    encoder: str = "mlp"
+    encoder: str = option("mlp", choices=ENCODERS)
     """Prompt encoder: mlp (3 linear layers) or lstm (bidirectional LSTM, then a 2-layer MLP)."""
-    encoder_hidden_size: int = 0
+    encoder_hidden_size: int = option(0, ge=0)
     """Hidden width of the encoder (0: the model's hidden size)."""
-    encoder_num_layers: int = 2
+    encoder_num_layers: int = option(2, ge=1)
     """LSTM layers (encoder=lstm)."""
-    encoder_dropout: float = 0.0
+    encoder_dropout: float = option(0.0, ge=0, lt=1)
     """Dropout between LSTM layers (encoder=lstm)."""
-    insert_at: str = "start"
+    insert_at: str = option("start", choices=PLACEMENTS)
     """start (before everything; peft's layout, exportable) or after_first (after [CLS]/BOS)."""
 
 

@@ -12,13 +12,14 @@ see a soft slot, so the top-level hook leaves input_ids and labels alone: it onl
 hooks sit on the encoder stack, so `generate` (which runs the encoder itself, not the top module)
 gets the model's own prompt too.
 
-T5's relative position bias: the prefix reaches each encoder self-attention as a cache of n slots
-(prefix.PrefixCache), so block 0 computes the bias for key length n+T with the queries at n..n+T-1
-(past_seen_tokens = n) and the later blocks reuse it: the real tokens keep their relative distances
-and the prefix sits before them, where soft tokens at the start would be. The attention mask is
-extended per layer (the 4D mask the stack built for T keys gets n columns in front); the stack
-drops a cache argument in an encoder, so the prefix travels as `prefix_cache` through the block
-kwargs (which gradient checkpointing replays) and a hook on each self-attention takes it out.
+T5's prefix takes the same road as the decoders' (prefix.py): the encoder runs deltatune's attention
+function (transformers 5 routes T5's attention through its attention interface, the relative
+position bias as an argument), and its forward gets a `PrefixContext` under fast/attention's KV_KWARG,
+never transformers' cache argument. Each encoder self-attention reads [P_K ; K], [P_V ; V] (T5 has no
+rotary embedding: the projections' outputs are the keys and values), its mask gets n columns, and
+the prefix columns get the relative position bias of keys 0..n-1 for queries at n..n+T-1
+(`compute_bias(n + T, n + T)[:, :, n:, :n]`): the real tokens keep their relative distances and the
+prefix sits before them, where soft tokens at the start would be.
 """
 
 from __future__ import annotations
@@ -27,9 +28,17 @@ import torch
 from torch import nn
 
 from deltatune.backbone import TaskModel
+from deltatune.decoding.cache import PrefixContext
 from deltatune.errors import UserError
-from deltatune.methods.prefix import PrefixCache, kv_shape, refuse_reentrant
-from deltatune.methods.prompt import ADAPTER, PLACEMENTS, cache_kwarg, positional_kwargs, splice
+from deltatune.fast.attention import KV_KWARG, ensure_kv_attention
+from deltatune.methods.inputs import (
+    ADAPTER,
+    PLACEMENTS,
+    positional_kwargs,
+    prefix_layers,
+    refuse_reentrant,
+    splice,
+)
 
 
 def stack(task_model: TaskModel, layers: str | None) -> nn.Module | None:
@@ -128,46 +137,27 @@ class EncoderPromptHooks:
         return (), kwargs
 
 
-def prefix_columns(mask: torch.Tensor | None, keep: torch.Tensor | None, hidden: torch.Tensor,
-                   n: int) -> torch.Tensor | None:
-    """The encoder's 4D self-attention mask with n prefix columns in front; keep (B, n) bool says which
-    prefix slots are attended (None: all). mask: None, or (B, 1, T|1, T) bool (sdpa) or additive float."""
-    if keep is None and mask is None:
-        return None
-    b, q = hidden.shape[:2]
-    if mask is None:  # additive zeros: eager and sdpa both read a float mask
-        mask = torch.zeros(b, 1, q, q, dtype=hidden.dtype, device=hidden.device)
-    if not torch.is_tensor(mask):
-        raise UserError("prefix tuning on an encoder-decoder model needs eager or sdpa attention")
-    mask = mask.expand(b, *mask.shape[1:])
-    keep = torch.ones(b, n, dtype=torch.bool, device=hidden.device) if keep is None else keep.bool()
-    cols = keep[:, None, None, :].expand(b, 1, mask.shape[2], n)
-    if mask.dtype != torch.bool:
-        cols = torch.zeros(cols.shape, dtype=mask.dtype, device=mask.device).masked_fill(
-            ~cols, torch.finfo(mask.dtype).min)
-    return torch.cat([cols, mask], dim=-1)  # (B, 1, T|1, n+T)
-
-
 class EncoderPrefixHooks:
-    """Prefix keys/values in the self-attention of every encoder block (zeros, masked, outside `rows`)."""
+    """Prefix keys/values in the self-attention of every encoder block (or of the `rows` blocks)."""
 
     def __init__(self, task_model: TaskModel, rows: list[int] | None = None):
         self.module = task_model.module
-        self.shape = kv_shape(task_model.backbone.config)
         self.layers = task_model.layers()
         self.rows = rows
+        self.encoder = encoder_stack(task_model)
         self.pending: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        attentions = [layer.get_submodule(task_model.arch.attention) for layer in self.layers]
-        self.hidden = {id(a) for i, a in enumerate(attentions) if rows is not None and i not in rows}
+        self.module.needs_kv_attention = True
+        ensure_kv_attention(self.module)
         self.handles = [
             self.module.register_forward_pre_hook(self.before, with_kwargs=True),
             self.module.register_forward_hook(self.after, always_call=True),
-            encoder_stack(task_model).register_forward_pre_hook(self.before_encoder, with_kwargs=True),
-        ] + [attention.register_forward_pre_hook(self.before_attention, with_kwargs=True) for attention in attentions]
+            self.encoder.register_forward_pre_hook(self.before_encoder, with_kwargs=True),
+        ]
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+        self.module.needs_kv_attention = False
 
     def before(self, _module, args, kwargs):
         prefix, mask = kwargs.pop("prefix_kv", None), kwargs.pop("prefix_mask", None)
@@ -184,27 +174,20 @@ class EncoderPrefixHooks:
         if first is None:
             return None
         refuse_reentrant(self.module, self.layers)
+        ensure_kv_attention(self.module)
         (prefix, mask), self.pending = self.pending or (None, None), None
         if prefix is None:
-            prefix = self.module.prompt_encoder[ADAPTER]().unsqueeze(0).expand(first.shape[0], -1, -1, -1, -1)
-        if self.rows is not None and prefix.shape[1] != len(self.layers):  # zeros where no prefix (masked)
-            full = prefix.new_zeros(prefix.shape[0], len(self.layers), *prefix.shape[2:])
-            full[:, self.rows] = prefix
-            prefix = full
-        kwargs["prefix_cache"] = (PrefixCache(prefix, self.shape), mask)  # prefix (B, L, 2, n, kv_dim)
-        return (), kwargs
+            prefix = self.module.prompt_encoder[ADAPTER]().unsqueeze(0)  # (1, L, 2, n, kv_dim)
+        if mask is not None:
+            mask = rows_of(mask, first.shape[0])
+        n, bias_source = prefix.shape[3], self.layers[0].get_submodule("layer.0.SelfAttention")
 
-    def before_attention(self, attention, args, kwargs):
-        if "prefix_cache" not in kwargs:
-            return None
-        cache, keep = kwargs.pop("prefix_cache")
-        hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, H)
-        n = cache.get_seq_length()
-        if id(attention) in self.hidden:
-            keep = torch.zeros(hidden.shape[0], n, dtype=torch.bool, device=hidden.device)
-        kwargs[cache_kwarg(attention)] = cache  # T5Attention: keys [prefix ; new], position bias for n+T keys
-        kwargs["mask"] = prefix_columns(kwargs.get("mask"), keep, hidden, n)
-        return args, kwargs
+        def prefix_bias(t: int) -> torch.Tensor:  # keys 0..n-1, queries at n..n+t-1: (1, h, t, n)
+            return bias_source.compute_bias(n + t, n + t, device=first.device)[:, :, n:, :n]
+
+        layer_of = prefix_layers(encoder, self.rows, prefix.shape[1])
+        kwargs[KV_KWARG] = PrefixContext(prefix, layer_of, mask, prefix_bias)
+        return (), kwargs
 
 
 @torch.no_grad()

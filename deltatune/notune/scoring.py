@@ -4,13 +4,15 @@ GPT-3 (Brown et al. 2020) classifies by comparing the likelihood of each label's
 
     score(x, y) = sum_j log p(l_y,j | prefix, query(x), l_y,<j)
 
-    prefix (task description + demonstrations) ──> one forward, batch 1 ──> K/V per layer (1, h, P-1, d)
-                                                                                │ expand to B rows (a view)
+    prefix (task description + demonstrations) ──> one forward, batch 1 ──> a KVCache row (P-1 slots)
+                                                                                │ every row reads it first
     row b = [last prefix token] + query_b + label tokens but the last ──────────┴─> hidden (B, T, H)
                                                      LM head + log-softmax at the label positions only
 
-The prefix's keys and values are computed once and shared by every row, so the cost of a few-shot
-prompt grows with the example, not with the demonstrations. `use_cache=False` runs each full prompt
+The prefix's keys and values are computed once into deltatune's KV cache (`deltatune.decoding`, the
+decode loop's cache type) and shared by every row through deltatune's attention functions (a
+`PrefixContext`: [prefix ; row] keys at every layer, position ids continuing after the prefix), so
+the cost of a few-shot prompt grows with the example, not with the demonstrations. `use_cache=False` runs each full prompt
 instead (the reference the cache is tested against). Labels of one token share one row per query;
 multi-token labels get one row per distinct label context.
 """
@@ -25,8 +27,10 @@ import torch
 from torch import nn
 
 from deltatune.backbone import arch_for, fingerprint_module, load_tokenizer, resolve_model_path
+from deltatune.decoding.cache import CacheContext, KVCache, PrefixContext, attention_layers
 from deltatune.errors import UserError
 from deltatune.evaluate import autocast_for
+from deltatune.fast.attention import KV_KWARG, kv_attention
 
 
 @dataclass
@@ -107,7 +111,7 @@ class LabelScorer:
         self.precision = precision
         self.use_cache = use_cache
         self.max_batch_tokens = max_batch_tokens
-        self._cached: tuple[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+        self._cached: tuple[tuple[int, ...], torch.Tensor] | None = None
         self.max_label_tokens = max(len(tokens) for tokens in labels)
 
     @property
@@ -162,39 +166,38 @@ class LabelScorer:
             batches.append([i])
         return batches
 
-    def _prefix_kv(self, cached: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Keys and values of the cached prefix, (1, kv_heads, P, d) per layer; reused while it is the same."""
+    def _prefix_kv(self, cached: list[int]) -> torch.Tensor:
+        """Keys and values of the cached prefix, (1, L, 2, P, kv_dim); reused while it is the same."""
         key = tuple(cached)
         if self._cached is None or self._cached[0] != key:
-            device = self.model.device
-            ids = torch.tensor([cached], dtype=torch.long, device=device)
-            with autocast_for(device, self.precision):
-                out = self.model.lm.base_model(input_ids=ids, use_cache=True)
-            kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-            self._cached = (key, kv)
+            base = self.model.lm.base_model
+            cache = KVCache.for_model(base, capacity=len(cached))
+            n = torch.tensor([len(cached)], device=cache.device)
+            context = CacheContext(cache, attention_layers(base), cache.add_rows(1), n, len(cached))
+            ids = torch.tensor([cached], dtype=torch.long, device=cache.device)
+            with autocast_for(cache.device, self.precision), kv_attention(base):
+                base(input_ids=ids, position_ids=context.positions(), use_cache=False, **{KV_KWARG: context})
+            context.finish()
+            self._cached = (key, cache.as_prefix(0))
         return self._cached[1]
 
-    def _forward(self, rows: list[list[int]], kv, cached_len: int,
+    def _forward(self, rows: list[list[int]], kv: torch.Tensor | None, cached_len: int,
                  wanted: list[list[tuple[int, int, int, int]]]) -> torch.Tensor:
         """Log-probabilities of the wanted tokens, flattened in the order of `wanted`."""
-        from transformers import DynamicCache
-
         device = self.model.device
+        base = self.model.lm.base_model
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)  # (B, T), right-padded
-        mask = torch.zeros((len(rows), cached_len + width), dtype=torch.long)  # (B, P + T)
-        mask[:, :cached_len] = 1
+        mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T): the prefix is always attended
         for i, row in enumerate(rows):
             ids[i, :len(row)] = torch.tensor(row)
-            mask[i, cached_len:cached_len + len(row)] = 1
-        kwargs = {}
-        if kv is not None:  # every row continues the same prefix: expand its K/V to the batch (a view)
-            b = len(rows)
-            kwargs["past_key_values"] = DynamicCache([(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1))
-                                                      for k, v in kv])
-        with autocast_for(device, self.precision):
-            hidden = self.model.lm.base_model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                              **kwargs).last_hidden_state  # (B, T, H)
+            mask[i, :len(row)] = 1
+        kwargs = {"position_ids": (cached_len + torch.arange(width)).expand(len(rows), -1).to(device)}
+        if kv is not None:  # every row continues the same prefix: its keys/values before the row's own
+            kwargs[KV_KWARG] = PrefixContext(kv, attention_layers(base))
+        with autocast_for(device, self.precision), kv_attention(base):
+            hidden = base(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False,
+                          **kwargs).last_hidden_state  # (B, T, H)
         picks = [(b, pos) for b, row_targets in enumerate(wanted) for pos, _, _, _ in row_targets]
         rows_idx = torch.tensor([b for b, _ in picks], device=device)
         pos_idx = torch.tensor([p for _, p in picks], device=device)
