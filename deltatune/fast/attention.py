@@ -7,7 +7,8 @@ forward that carries extra keys/values (a prefix, a decode loop's KV cache).
     v (B, hk, Tk, d) ─────────────────────────────────────────────────────────────────────────┘
 
 At training shapes (T <= a few hundred) this beats torch's SDPA on the CPU, whose flash-attention
-backward (chosen when attention dropout is 0) dominates a step. Grouped-query attention needs no
+backward (chosen when attention dropout is 0) dominates a step. From BLOCKWISE_MIN = T x Tk on, a
+training forward keeps no probabilities: blockwise.py recomputes them block by block in backward. Grouped-query attention needs no
 copies: the g = h / hk query heads of one key/value head are stacked into one (g·T, d) matrix.
 The softmax takes and returns the compute dtype (bf16: P saved for backward at half the size) and
 accumulates in fp32 inside torch's kernels, forward and backward.
@@ -30,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltatune.fast.blockwise import blockwise_attention
+
 NAME = "deltatune_explicit"
 SDPA_NAME = "deltatune_sdpa"
 OURS = (NAME, SDPA_NAME)
@@ -39,6 +42,10 @@ KV_KWARG = "deltatune_kv"
 """The forward keyword that carries a `KVContext` down to the attention functions."""
 
 Kernel = Callable[..., torch.Tensor]
+BLOCKWISE_MIN = 512 * 512
+"""T x Tk from which training attention keeps no probabilities for backward (blockwise.py): below it,
+storing P is cheaper than recomputing it (a 128-token step is as fast as before); above it, P would be
+the largest thing a step keeps (75 MB per SmolLM2 layer at 2,048 tokens)."""
 
 
 class KVContext(Protocol):
@@ -55,6 +62,14 @@ def explicit_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     (B|1, 1, T, ≥Tk) or bool (True: attended)."""
     b, h, t, d = query.shape
     kv_heads, tk = key.shape[1], key.shape[2]
+    if dropout == 0 and t * tk >= BLOCKWISE_MIN and torch.is_grad_enabled() and (
+            query.requires_grad or key.requires_grad or value.requires_grad):
+        if mask is not None:  # long sequences in training: keep no (B, h, T, Tk) P for backward
+            mask = mask[..., :tk]
+            if mask.dtype == torch.bool:
+                mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill(
+                    ~mask, torch.finfo(query.dtype).min)
+        return blockwise_attention(query, key, value, mask, scaling)
     groups = h // kv_heads
     q = (query * scaling).reshape(b, kv_heads, groups * t, d)  # query heads of one k/v head stacked
     scores = torch.matmul(q, key.transpose(-1, -2)).view(b, h, t, tk)  # (B, h, T, Tk)
