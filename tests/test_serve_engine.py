@@ -19,13 +19,12 @@ from deltatune.backbone import arch_for, load_task_model
 from deltatune.batching import collate, encode
 from deltatune.data import Example
 from deltatune.delta import save_delta
-from deltatune.loading import load_delta
 from deltatune.errors import UserError
 from deltatune.generation import prompt_ids
+from deltatune.loading import load_delta
 from deltatune.methods import method_names, resolve_method
 from deltatune.serve.engine import Engine, UnknownTask
 from deltatune.serve.generate import decode_mixed
-from deltatune.serve.routing import ROUTING
 from deltatune.serve.task import BackboneMismatch
 
 TOL = 1e-4
@@ -38,6 +37,8 @@ OPTIONS: dict[str, dict] = {
     "mam": {"num_virtual_tokens": 2, "prefix_init": "random", "encoder_hidden_size": 16},
     "adalora": {"init_r": 4, "target_r": 2},
 }
+PER_ROW = {"features", "head", "lora", "adalora", "ia3", "adapter", "prompt", "ptuning", "prefix", "mam"}
+"""Methods whose deltas join the mixed pass (row sites / a row input); the others change shared weights."""
 NOT_SERVED = {"icl", "knn"}  # predict through their own pipelines, not a model pass
 METHODS = [m for m in method_names() if m not in NOT_SERVED]
 # a second delta of some methods: other options, pooling and label count, so that a pair of the same
@@ -140,8 +141,9 @@ def test_every_task_in_one_batch_and_groups_visible(served):
     groups["shared"] = sum(n for g, n in record.groups if g == "shared")  # passes of similar lengths
     engine_tasks = served.engine.tasks
     own = {n for n, t in engine_tasks.items() if t.group == "own"}
-    expected = {n for n, t in engine_tasks.items() if t.method not in ROUTING or n == "last2"}
-    assert own == expected and {"full", "bitfit", "last2"} <= own, {n: t.reason for n, t in engine_tasks.items()}
+    per_row = {n for n, t in engine_tasks.items() if t.method in PER_ROW and n != "last2"}  # unfrozen layers
+    assert own == set(engine_tasks) - per_row, {n: t.reason for n, t in engine_tasks.items()}
+    assert {"full", "bitfit", "last2"} <= own and all(engine_tasks[n].reason for n in own)
     assert engine_tasks["bitfit"].reason == "its delta changes backbone weights"
     assert set(groups) == {"shared"} | {f"own:{n}" for n in own}
     assert groups["shared"] == len(TEXTS) * (len(served.paths) - len(own))  # mixed passes for all the others
@@ -280,8 +282,8 @@ def test_mixed_generation_equals_each_task_alone(tiny_dir, tmp_path, kind):
 
 def test_verbalizer_objective_served(tiny_dir, tmp_path):
     """PET / LM-BFF deltas: texts go through the task's template, the head is the LM head's label words."""
-    from deltatune.notune.label_head import attach_label_head
-    from deltatune.notune.templates import prompt_spec
+    from deltatune.data.templates import prompt_spec
+    from deltatune.label_head import attach_label_head
 
     model = tiny_dir("gpt2")
     paths = {}

@@ -36,7 +36,14 @@ from torch import nn
 
 from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
-from deltatune.methods.base import AdaptedLayer, replace_module, resolve_targets, train_head, trainable_state
+from deltatune.methods.base import (
+    AdaptedLayer,
+    replace_module,
+    resolve_targets,
+    train_head,
+    trainable_state,
+    unwrap_layers,
+)
 from deltatune.methods.lora import LoRALinear, lora_update
 from deltatune.options import option
 
@@ -280,6 +287,18 @@ def delta_state(task_model: TaskModel, config: Config) -> dict[str, torch.Tensor
         key = f"{name}.lora_E.{ADAPTER}"
         state[key] = state[key] * layer.rank_mask().cpu()
     return state
+
+
+def merge(task_model: TaskModel, config: Config) -> None:
+    """W0 ← W0 + s · P (λ ⊙ Q), pruned triplets masked out (merged export)."""
+
+    def fold(layer: SVDLinear) -> None:
+        q, p = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]  # (r, k), (d, r)
+        lam = layer.lora_E[ADAPTER] * layer.rank_mask()  # (r, 1)
+        w = layer.weight_out_in()  # (d, k)
+        w.add_((p @ (q * lam) * layer.scaling[ADAPTER]).to(w.dtype))
+
+    unwrap_layers(task_model, SVDLinear, fold)
 
 
 def to_peft(config: Config, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:

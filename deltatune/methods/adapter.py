@@ -31,7 +31,8 @@ from torch import nn
 
 from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
-from deltatune.methods.base import layer_selection, replace_module, train_head
+from deltatune.methods.base import Rows, layer_selection, replace_module, train_head
+from deltatune.options import option
 
 NAME = "adapter"
 DEFAULT_LR = 1e-3
@@ -44,21 +45,21 @@ PARALLEL_SCALE = 4.0
 
 @dataclass
 class Config:
-    placement: str = "attn_ffn"
+    placement: str = option("attn_ffn", choices=tuple(PLACEMENTS))
     """'attn_ffn' (Houlsby: after attention and after the FFN) or 'ffn' (Pfeiffer: after the FFN only)."""
-    bottleneck: int | None = None
+    bottleneck: int | None = option(None, ge=1)
     """Adapter hidden size m; when unset, hidden_size // reduction_factor."""
-    reduction_factor: int = 16
+    reduction_factor: int = option(16, ge=1)
     """hidden_size / m when `bottleneck` is unset."""
     parallel: bool = False
     """Parallel adapters (He et al.): fed the sublayer input, added to the sublayer output."""
-    scale: float | None = None
+    scale: float | None = option(None, gt=0)
     """Multiplier s of the adapter output; unset: 1 for serial, 4 for parallel (He et al.)."""
-    activation: str = "relu"
+    activation: str = option("relu", choices=tuple(ACTIVATIONS))
     """Nonlinearity f: relu, gelu, silu (swish) or tanh."""
     train_layernorm: bool = False
     """Also train the backbone's LayerNorm parameters (Houlsby et al. do)."""
-    layers: tuple[int, ...] | None = None
+    layers: tuple[int, ...] | None = option(None, ge=0)
     """Put adapters only in these transformer layers (indices from 0); None: every layer."""
 
 
@@ -117,18 +118,49 @@ class AdapterLayer(nn.Module):
     def forward(self, *args, **kwargs):
         if self.active_adapter is None:
             return self.base_layer(*args, **kwargs)
-        if self.mode == "serial":
-            out = self.base_layer(*args, **kwargs)  # (B, T, d)
-            return out + self.update(out)
-        if self.mode == "residual":  # BertSelfOutput / BertOutput: (hidden_states, input_tensor)
-            out, x = [*args, *(kwargs.pop(k) for k in ("hidden_states", "input_tensor") if k in kwargs)]
-            return self.base_layer(out, x + self.update(x), **kwargs)
-        x = args[0] if args else kwargs["hidden_states"]  # (B, T, d): the sublayer input
-        out = self.base_layer(*args, **kwargs)
-        if isinstance(out, tuple):  # attention blocks return (output, weights)
-            return (out[0] + self.update(x), *out[1:])
-        return out + self.update(x)
+        return wire(self.mode, self.base_layer, lambda y, x: y + self.update(x), *args, **kwargs)
 
+    # ---- per row (RowSite): a batch whose rows carry different tasks' adapters, or none ---------------
+
+    ROW_FILL = (0.0,) * 5
+    """Zero weights add nothing: f(0) = 0 for every activation, and Up = 0."""
+
+    def row_key(self) -> str:
+        return f"adapter:{self.mode}:{self.activation[self.active_adapter]}"
+
+    def row_payload(self) -> tuple[torch.Tensor, ...]:
+        name = self.active_adapter
+        down, up = self.adapter_down[name], self.adapter_up[name]
+        return (down.weight.detach(), down.bias.detach(), up.weight.detach(), up.bias.detach(),
+                down.weight.new_tensor(self.scaling[name]))  # (m, d), (m,), (d, m), (d,), ()
+
+    @staticmethod
+    def row_forward(key: str, inner: nn.Module, rows: Rows, *args, **kwargs):
+        """The sublayer wired as `mode` says, each row with its own adapter (zero-padded bottlenecks)."""
+        _, mode, activation = key.split(":")
+        down_w, down_b, up_w, up_b, scale = rows.tensors  # one adapter, or per hit row (H, m, d), (H, m), ...
+
+        def plus(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # y + s_b·Up_b f(Down_b x) on the hit rows
+            update = bottleneck_update(rows.take(x).to(down_w.dtype), down_w, down_b.unsqueeze(-2), up_w,
+                                       up_b.unsqueeze(-2), ACTIVATIONS[activation])  # (H, T, d)
+            return rows.add(y, (update * scale.view(-1, 1, 1)).to(y.dtype))
+
+        return wire(mode, inner, plus, *args, **kwargs)
+
+
+def wire(mode: str, base: nn.Module, plus: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *args, **kwargs):
+    """Call the sublayer `base` with the adapter wired in as `mode` says; plus(y, x) = y + s·a(x)."""
+    if mode == "serial":
+        out = base(*args, **kwargs)  # (B, T, d)
+        return plus(out, out)
+    if mode == "residual":  # BertSelfOutput / BertOutput: (hidden_states, input_tensor)
+        out, x = [*args, *(kwargs.pop(k) for k in ("hidden_states", "input_tensor") if k in kwargs)]
+        return base(out, plus(x, x), **kwargs)
+    x = args[0] if args else kwargs["hidden_states"]  # (B, T, d): the sublayer input
+    out = base(*args, **kwargs)
+    if isinstance(out, tuple):  # attention blocks return (output, weights)
+        return (plus(out[0], x), *out[1:])
+    return plus(out, x)
 
 def adapter_places(task_model: TaskModel, config: Config) -> list[tuple[str, str]]:
     """(full module name, mode) of every module that gets an adapter, layer by layer."""

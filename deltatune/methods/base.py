@@ -10,6 +10,9 @@ hooks without probing (`hasattr`) and this class is the one place that lists the
     training    default_lr(config)                 the learning rate when the user gives none
                 pooling_for(requested, arch)       the pooling the method needs
                 param_groups(task_model, config, lr, weight_decay)     AdamW groups (LoRA+: B at a larger lr)
+                make_optimizer(task_model, config, groups, lr, name)   an optimizer of the method's own over
+                                                   those groups (GaLore's projected Adam, BAdam's block
+                                                   switching), or None: --optimizer NAME as given
                 extra_loss(task_model, config)     a regulariser added to the loss, or None (AdaLoRA)
                 on_train_step(task_model, config, step, total_steps)   after each optimizer step
                 RESTORE_BEST_EPOCH                 False: keep the end state (a schedule made earlier
@@ -20,6 +23,9 @@ hooks without probing (`hasattr`) and this class is the one place that lists the
     saving      delta_state(task_model, config)    what to save; default: the trainable tensors
                 load_delta_state(task_model, config, tensors)   default: checked load by name and shape
                 PEFT_TYPE, to_peft, from_peft      peft export / import, or None
+                merge(task_model, config)          fold the delta into the backbone's own weights in place and
+                                                   take the method's modules out, leaving the plain transformers
+                                                   model (`export --format merged`), or None: cannot be merged
     no tuning   run_job(job, config, out), make_strategy(config, context)   icl / knn, or None
     serving     ROW_INPUT                          None, "soft_tokens" or "prefix": the per-row input
                                                    the serve engine builds for this method's rows
@@ -103,11 +109,13 @@ class Method:
     delta_state: Callable[[TaskModel, Any], dict[str, torch.Tensor]]
     load_delta_state: Callable[[TaskModel, Any, dict[str, torch.Tensor]], None]
     fit: Callable[..., dict[str, float]] | None = None
+    make_optimizer: Callable[..., torch.optim.Optimizer] | None = None
     PEFT_TYPE: str | None = None
     to_peft: Callable[[Any, dict], tuple[dict, dict]] | None = None
     from_peft: Callable[[dict, dict], tuple[Any, dict]] | None = None
     run_job: Callable[..., dict] | None = None
     make_strategy: Callable[..., Any] | None = None
+    merge: Callable[[TaskModel, Any], None] | None = None
     ROW_INPUT: str | None = None
     ROW_HOOKS: tuple[str, ...] = ()
     ROW_TOP_MODULES: tuple[str, ...] = ()
@@ -199,8 +207,8 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of nn.Linear or GPT-2's Conv1D (whose weight is (in, out))."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    if type(module).__name__ == "Conv1D":
-        return module.weight.shape[0], module.weight.shape[1]
+    if type(module).__name__ == "Conv1D":  # nx, nf: its weight may be stored packed (--quantize)
+        return module.nx, module.nf
     raise UserError(f"cannot adapt a {type(module).__name__}: only Linear/Conv1D projections are supported")
 
 
@@ -220,9 +228,28 @@ class AdaptedLayer(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
+    def weight_out_in(self) -> torch.Tensor:
+        """The base weight as an (out, in) view (GPT-2's Conv1D stores (in, out)): in-place edits merge."""
+        weight = self.base_layer.weight.data
+        return weight if isinstance(self.base_layer, nn.Linear) else weight.t()
+
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
+
+
+def unwrap_layers(task_model: TaskModel, layer_type: type, fold: Callable[[AdaptedLayer], None]) -> None:
+    """`merge`'s common part: `fold` each `layer_type` layer's delta into its base layer, then put the base
+    layer back in its place."""
+    module = task_model.module
+    for name, layer in [(n, m) for n, m in module.named_modules() if isinstance(m, layer_type)]:
+        with torch.no_grad():
+            fold(layer)
+        replace_module(module, name, layer.base_layer)
+
+
+def already_merged(task_model: TaskModel, config: Any) -> None:
+    """`merge` of a method that trains the backbone's own tensors (full, BitFit, head): nothing to fold."""
 
 
 ROLE_NAMES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
@@ -333,6 +360,8 @@ class Rows:
 
     tensors: tuple[torch.Tensor, ...]
     hit: torch.Tensor | None = None
+    batched: bool = False
+    """True: tensors are gathered per row (first dimension H); False: one task's, for each hit row."""
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, ...) -> the hit rows (H, ...)."""
@@ -346,9 +375,14 @@ class Rows:
         """full (B, ...) plus part (H, ...) at the hit rows."""
         return full + part if self.hit is None else full.index_add(0, self.hit, part)
 
-    def spread(self, part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """part (H, ...) at the hit rows, zeros elsewhere: (B, ...) shaped like `like`."""
-        return part if self.hit is None else like.new_zeros(like.shape).index_copy(0, self.hit, part)
+    def per_row(self, i: int, fill: float, batch: int) -> torch.Tensor:
+        """Payload tensor i for every row of a batch of `batch` rows: (B, ...), `fill` for the rows without
+        a delta here; when every row has one, as it is (one task's (...) or every row's (B, ...))."""
+        tensor = self.tensors[i]
+        if self.hit is None:
+            return tensor
+        part = tensor if self.batched else tensor.expand(len(self.hit), *tensor.shape)  # (H, ...)
+        return part.new_full((batch, *part.shape[1:]), fill).index_copy(0, self.hit, part)
 
 
 @typing.runtime_checkable

@@ -27,10 +27,12 @@ from deltatune.errors import UserError
 from deltatune.methods.base import (
     ROLE_NAMES,
     AdaptedLayer,
+    Rows,
     linear_dims,
     replace_module,
     resolve_targets,
     train_head,
+    unwrap_layers,
 )
 
 NAME = "ia3"
@@ -51,7 +53,8 @@ class Config:
 
 
 def rescale(h: torch.Tensor, vector: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """h with its features [start, stop) multiplied by vector: (n,), or one per row (B, 1, n)."""
+    """h with its features [start, stop) multiplied by vector: (n,), or one per row (B, 1, n)
+    (the training forward and the per-row forward both scale through here)."""
     # h: (B, T, F), vector: (stop - start,)
     scaled = (h[..., start:stop].to(vector.dtype) * vector).to(h.dtype)
     if start == 0 and stop == h.shape[-1]:
@@ -85,6 +88,33 @@ class IA3Linear(AdaptedLayer):
         if self.is_feedforward:
             return self.base_layer(rescale(x, vector, 0, self.in_features))
         return rescale(self.base_layer(x), vector, *self.span)
+
+    # ---- per row (RowSite): a batch whose rows carry different tasks' vectors, or none -----------------
+
+    ROW_FILL = (1.0,)
+    """Ones: a row without IA3 here is not rescaled."""
+
+    def row_key(self) -> str:
+        return "ia3:in" if self.is_feedforward else "ia3:out"
+
+    def row_payload(self) -> tuple[torch.Tensor]:
+        vector = self.ia3_l[self.active_adapter].detach().flatten()
+        if self.is_feedforward:
+            return (vector,)  # (in,)
+        full = vector.new_ones(self.out_features)  # (out,): ones outside the scaled span
+        full[self.span[0]:self.span[1]] = vector
+        return (full,)
+
+    @staticmethod
+    def row_forward(key: str, inner: nn.Module, rows: Rows, x: torch.Tensor) -> torch.Tensor:
+        """inner(l_b ⊙ x) ('ia3:in') or l_b ⊙ inner(x) ('ia3:out'). Every row is multiplied, by ones where
+        its task has no IA3 here: one multiply costs less than gathering and scattering the hit rows."""
+
+        def scaled(h: torch.Tensor) -> torch.Tensor:  # h: (B, T, n)
+            vector = rows.per_row(0, 1.0, h.shape[0])  # (n,) one task's, or (B, n)
+            return rescale(h, vector.unsqueeze(-2), 0, h.shape[-1])
+
+        return inner(scaled(x)) if key == "ia3:in" else scaled(inner(x))
 
 
 def fused_thirds(config: Config, module_name: str) -> list[int] | None:
@@ -120,6 +150,22 @@ def apply(task_model: TaskModel, config: Config) -> None:
         replace_module(module, name, layer)
         layer.ia3_l.requires_grad_(True)
     train_head(task_model)
+
+
+def merge(task_model: TaskModel, config: Config) -> None:
+    """W0 ← W0 diag(l) for a scaled input; rows [start, stop) of W0 and b0 times l for a scaled output."""
+
+    def fold(layer: IA3Linear) -> None:
+        vector, w = layer.ia3_l[ADAPTER].flatten(), layer.weight_out_in()  # (n,), (out, in)
+        if layer.is_feedforward:
+            w.mul_(vector.to(w.dtype))  # every column j times l_j
+            return
+        start, stop = layer.span
+        w[start:stop].mul_(vector.to(w.dtype)[:, None])
+        if layer.bias is not None:
+            layer.bias.data[start:stop].mul_(vector.to(layer.bias.dtype))
+
+    unwrap_layers(task_model, IA3Linear, fold)
 
 
 def to_peft(config: Config, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -9,7 +9,9 @@
                               h = W0 x + (alpha/r) · B A x
 
 Adapters are kept by name in ModuleDicts (`lora_A["default"]`), beside the frozen base layer,
-never merged into it: one backbone can hold many tasks' LoRA weights.
+never merged into it: one backbone can hold many tasks' LoRA weights. A served batch whose rows carry
+different tasks' LoRA (`row_forward`, a `RowSite`) runs the same `lora_update` with A, B, s gathered
+per row: h_b = W0 x_b + s_b · B_b A_b x_b, batched matmuls over zero-padded ranks (Punica / S-LoRA).
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
 from deltatune.methods.base import (
     AdaptedLayer,
+    Rows,
     layer_of,
     layer_selection,
     replace_module,
     resolve_targets,
     train_head,
+    unwrap_layers,
 )
+from deltatune.options import option
 
 NAME = "lora"
 DEFAULT_LR = 1e-3
@@ -38,18 +43,25 @@ ADAPTER = "default"
 
 @dataclass
 class Config:
-    r: int = 8
+    r: int = option(8, ge=1)
     """Rank of the update BA."""
-    alpha: float = 16.0
+    alpha: float = option(16.0, gt=0)
     """Scale numerator: the update is multiplied by alpha / r."""
-    dropout: float = 0.0
+    dropout: float = option(0.0, ge=0, lt=1)
     """Dropout on the LoRA input x (not on the frozen path)."""
     target_modules: tuple[str, ...] = ("query", "value")
     """Roles (query, key, value, attn_out, ffn_in, ffn_out) or module-name suffixes to adapt."""
-    bias: str = "none"
+    bias: str = option("none", choices=("none", "all", "lora_only"))
     """'none', 'all' (every bias in the backbone trains) or 'lora_only' (biases of adapted layers)."""
-    layers: tuple[int, ...] | None = None
+    layers: tuple[int, ...] | None = option(None, ge=0)
     """Adapt only the targets in these transformer layers (indices from 0); None: every layer."""
+
+
+def lora_update(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """s · B A x for one task (A (r, k), B (d, r), s a number) or one per row (A (B, r, k), B (B, d, r),
+    s (B, 1, 1): batched matmuls, Punica / S-LoRA)."""
+    # x: (B, T, k) -> (B, T, r) -> (B, T, d)
+    return (x @ a.transpose(-1, -2)) @ b.transpose(-1, -2) * scale
 
 
 class LoRALinear(AdaptedLayer):
@@ -78,10 +90,30 @@ class LoRALinear(AdaptedLayer):
         name = self.active_adapter
         if name is None:
             return out
-        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-        x = self.lora_dropout[name](x.to(lora_a.weight.dtype))
-        update = lora_b(lora_a(x)) * self.scaling[name]  # (B, T, r) -> (B, T, d)
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        update = lora_update(self.lora_dropout[name](x.to(a.dtype)), a, b, self.scaling[name])
         return out + update.to(out.dtype)
+
+    # ---- per row (RowSite): a batch whose rows carry different tasks' LoRA, or none -----------------------
+
+    ROW_FILL = (0.0, 0.0, 0.0)
+    """A = B = 0, s = 0: a row without LoRA here gets no update."""
+
+    def row_key(self) -> str:
+        return "lora"
+
+    def row_payload(self) -> tuple[torch.Tensor, ...]:
+        name = self.active_adapter
+        a, b = self.lora_A[name].weight.detach(), self.lora_B[name].weight.detach()
+        return a, b, a.new_tensor(self.scaling[name])  # (r, k), (d, r), ()
+
+    @staticmethod
+    def row_forward(key: str, inner: nn.Module, rows: Rows, x: torch.Tensor) -> torch.Tensor:
+        """h = W0 x + s_b (x A_bᵀ) B_bᵀ, only on the rows with LoRA here (zero-padded ranks add nothing)."""
+        a, b, scale = rows.tensors  # (r, k), (d, r), () or per hit row (H, r, k), (H, d, r), (H,)
+        out = inner(x)  # (B, T, d)
+        update = lora_update(rows.take(x).to(a.dtype), a, b, scale.view(-1, 1, 1))  # (H, T, d)
+        return rows.add(out, update.to(out.dtype))
 
 
 def apply(task_model: TaskModel, config: Config) -> None:
@@ -102,6 +134,17 @@ def apply(task_model: TaskModel, config: Config) -> None:
             if name.endswith(".bias"):
                 p.requires_grad_(True)
     train_head(task_model)
+
+
+def merge(task_model: TaskModel, config: Config) -> None:
+    """W0 ← W0 + (alpha/r) · B A in every adapted layer, which becomes its base layer again (merged export)."""
+
+    def fold(layer: LoRALinear) -> None:
+        a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight  # (r, k), (d, r)
+        w = layer.weight_out_in()  # (d, k)
+        w.add_((b @ a * layer.scaling[ADAPTER]).to(w.dtype))
+
+    unwrap_layers(task_model, LoRALinear, fold)
 
 
 PEFT_TYPE = "LORA"

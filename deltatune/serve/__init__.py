@@ -1,7 +1,7 @@
 """Serve many task deltas from one frozen backbone, with mixed-task batches (library first, HTTP second).
 
     engine.py    one backbone, named deltas, mixed batches (shared pass + own groups), generation
-    routing.py   per-row delta mechanics: a row router per method family
+    routing.py   a generic row router per (place, row key); the math is the row site's (methods/base.RowSite)
     task.py      a delta applied around a structural clone of the backbone; the head view
     registry.py  the SQLite catalog + delta store that survives restarts
     batcher.py   dynamic batching over a bounded queue

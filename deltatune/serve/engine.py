@@ -31,13 +31,9 @@ from deltatune.batching import Encoded, collate, encode
 from deltatune.data import Example
 from deltatune.delta import read_meta, read_tensors
 from deltatune.errors import UserError
-from deltatune.serve.routing import (
-    RowRouter,
-    install_router,
-    prefix_inputs,
-    splice_soft_tokens,
-    structural_clone,
-)
+from deltatune.methods.prefix import prefix_inputs
+from deltatune.methods.prompt import splice_soft_tokens
+from deltatune.serve.routing import RowRouter, install_router, structural_clone
 from deltatune.serve.task import OWN, SHARED, ServedTask, SharedBackbone, build_task, shared_lm_head
 
 
@@ -71,15 +67,17 @@ class EngineStats:
 class Engine:
     """Serve classification (and, on decoders, generation) for many task deltas on one backbone."""
 
-    def __init__(self, model: str | None = None, device: str = "auto", pass_overhead_tokens: int | None = 128):
+    def __init__(self, model: str | None = None, device: str = "auto", pass_overhead_tokens: int | None = 128,
+                 quantize: str | None = None):
         """`pass_overhead_tokens`: the shared group is split into passes of similar length when that
         saves more padded positions than this per extra pass (None: always one pass)."""
         self.device = pick_device(device)
         self.pass_overhead_tokens = pass_overhead_tokens
-        base = load_task_model(model, num_labels=1, pooling="mean", device=self.device)
+        base = load_task_model(model, num_labels=1, pooling="mean", device=self.device, quantize=quantize)
         self.shared = SharedBackbone(module=base.backbone, tokenizer=base.tokenizer, arch=base.arch,
                                      model_path=base.model_path, fingerprint=base.fingerprint, device=self.device)
         self.shared.lm_head = shared_lm_head(base) if base.arch.is_decoder else None
+        self.shared.quantization = base.quantization  # --quantize: checked against each delta's
         self.mixed = structural_clone(base.backbone).eval()  # routers go here, never into the backbone
         self.tasks: dict[str, ServedTask] = {}
         self.routers: dict[tuple[str, str], RowRouter] = {}
@@ -113,10 +111,10 @@ class Engine:
         with self.lock:
             if task.name in self.tasks:
                 self.remove_task(task.name)
-            for path, (key, site) in task.sites.items():
-                router = self.routers.get((path, key))
+            for path, site in task.sites.items():
+                router = self.routers.get((path, site.row_key()))
                 if router is None:
-                    router = self.routers[(path, key)] = install_router(self.mixed, path, key)
+                    router = self.routers[(path, site.row_key())] = install_router(self.mixed, path, site)
                 router.add(task.name, site)
             self.tasks[task.name] = task
         return task
@@ -126,8 +124,8 @@ class Engine:
             task = self.tasks.pop(name, None)
             if task is None:
                 raise UnknownTask(f"unknown task '{name}'")
-            for path, (key, _) in task.sites.items():
-                self.routers[(path, key)].remove(name)
+            for path, site in task.sites.items():
+                self.routers[(path, site.row_key())].remove(name)
 
     def task(self, name: str) -> ServedTask:
         task = self.tasks.get(name)
@@ -247,7 +245,7 @@ class Engine:
 
     def row_inputs(self, batch: dict, row_tasks: list[ServedTask]) -> dict:
         """The backbone's inputs for a mixed batch: ids, or embeddings with each row's soft tokens spliced
-        in; a cache holding each row's prefix, with the positions each row would have alone."""
+        in; each row's prefix for the attention functions, with the positions each row would have alone."""
         inputs = dict(batch)
         if any(t.soft_tokens is not None for t in row_tasks):
             embed = self.mixed.get_submodule(self.shared.arch.word_embeddings)
@@ -257,10 +255,8 @@ class Engine:
             if types is not None:
                 inputs["token_type_ids"] = types
         if any(t.prefix is not None for t in row_tasks):
-            cache, mask, positions = prefix_inputs(self.mixed.config, [t.prefix for t in row_tasks],
-                                                   inputs["attention_mask"])
-            inputs.update(past_key_values=cache, attention_mask=mask, position_ids=positions)
-        elif self.shared.arch.is_decoder:
+            inputs.update(prefix_inputs(self.mixed, [t.prefix for t in row_tasks], inputs["attention_mask"]))
+        if self.shared.arch.is_decoder:
             inputs["use_cache"] = False
         return inputs
 

@@ -1,70 +1,37 @@
 """Per-row deltas: one pass of the frozen backbone in which every row carries its own task's delta.
 
 The engine keeps a *mixed* copy of the backbone's module tree (sharing every weight) and puts a row
-router wherever a served task's method acts. Before a batch runs, each router is told which task each
-row belongs to and gathers that task's tensors per row; rows whose task has nothing there pass through.
+router wherever a served task's method put a row site (`methods.base.RowSite`: LoRA, AdaLoRA, IA³,
+adapters, or any method's module that offers the protocol). Before a batch runs, each router is told
+which task each row belongs to and gathers that task's tensors per row; rows whose task has nothing
+there pass through. The math is the site's own (`row_forward` in its method file); here is only what is
+the same for every method:
 
     row tasks    [sentiment, q&a, sentiment, translate]                            B = 4
-    LoRA         h = W0 x + s_b · (x A_bᵀ) B_bᵀ       A_b, B_b gathered per row, zero-padded ranks,
-                                                     batched matmuls (Punica / S-LoRA)
-    AdaLoRA      the same with A_b = λ_b ⊙ Q_b
-    IA³          k' = l_b ⊙ W_k x  (or W_2 (l_b ⊙ x))  l_b gathered per row (ones: no IA³ here)
-    adapters     y + s_b · Up_b f(Down_b y)           per-row bottleneck weights, zero-padded
+    tables       per router: one (1 + N, ...) table per payload tensor, row 0 the site's identity
+                 (ROW_FILL), row i task i's tensor zero-padded (`stack_padded`); rebuilt when a task
+                 comes or goes
+    gather       table[index of each row's task], only for the rows with a delta here (`Rows.hit`)
     soft tokens  [x_<at ; P_b ; x_≥at ; pad]          inputs_embeds, each row right-padded, mask
-    (prompt, P-tuning)                               marks its n_b + T_b positions
+    (ROW_INPUT 'soft_tokens')                        marks its n_b + T_b positions
     prefixes     K = [pad ; P_K,b ; W_K h]            one cache of n_max slots, a row's own n_b unmasked,
-    (prefix, MAM)                                    position ids n_b + t as if the row ran alone
+    (ROW_INPUT 'prefix')                             position ids n_b + t as if the row ran alone
 
-ROUTING says, per method, which modules it adds (by class name), which hook objects it installs and
-which per-row input it needs. A task shares the pass only when everything its delta changed is
-explained that way (`unexplained`); otherwise (BitFit biases, unfrozen layers, full fine-tuning, a
-method without a router) it runs alone, as its own group.
+A task shares the pass only when everything its delta changed is explained by its row sites and its
+method's ROW_INPUT / ROW_HOOKS / ROW_TOP_MODULES (`unexplained`); otherwise (BitFit biases, unfrozen
+layers, full fine-tuning, a module that is no row site) it runs alone, as its own group.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from deltatune.methods.adapter import ACTIVATIONS, AdapterLayer, bottleneck_update
-from deltatune.methods.ia3 import rescale
-
-
-@dataclass(frozen=True)
-class Routing:
-    """What one method changes, in terms the engine can route per row."""
-
-    sites: tuple[str, ...] = ()
-    """Class names of the modules the method puts inside the backbone (each gets a row router)."""
-    inputs: str | None = None
-    """'soft_tokens' or 'prefix': a per-row input the engine builds before the pass."""
-    hooks: tuple[str, ...] = ()
-    """Attributes of the task model holding the hook objects the method installs (explained by `inputs`)."""
-    top_modules: tuple[str, ...] = ()
-    """Children the method adds to the task model outside the backbone (its prompt encoder)."""
-
-
-SOFT_TOKENS = Routing(inputs="soft_tokens", hooks=("prompt_hooks",), top_modules=("prompt_encoder",))
-PREFIX = Routing(inputs="prefix", hooks=("prefix_hooks",), top_modules=("prompt_encoder",))
-ROUTING: dict[str, Routing] = {
-    "features": Routing(),
-    "head": Routing(),  # with unfreeze_last > 0 its layers are private copies: `unexplained` says so
-    "lora": Routing(sites=("LoRALinear",)),
-    "adalora": Routing(sites=("SVDLinear",)),
-    "ia3": Routing(sites=("IA3Linear",)),
-    "adapter": Routing(sites=("AdapterLayer",)),
-    "prompt": SOFT_TOKENS,
-    "ptuning": SOFT_TOKENS,
-    "prefix": PREFIX,
-    "mam": Routing(sites=("AdapterLayer",), inputs="prefix", hooks=PREFIX.hooks, top_modules=PREFIX.top_modules),
-}
-"""Method name -> what its row router handles. bitfit and full are absent: they change shared weights."""
+from deltatune.methods.base import Method, Rows, RowSite
 
 
 def structural_clone(module: nn.Module) -> nn.Module:
@@ -77,45 +44,43 @@ def under(path: str, roots: set[str]) -> bool:
     return any(path == r or path.startswith(r + ".") for r in roots)
 
 
-def find_sites(clone: nn.Module, routing: Routing) -> dict[str, nn.Module]:
-    """The method's modules inside the (cloned) backbone, by path; nested sites count once."""
-    sites: dict[str, nn.Module] = {}
-    for path, module in clone.named_modules():
-        if type(module).__name__ in routing.sites and not under(path, set(sites)):
-            sites[path] = module
-    return sites
+def find_sites(clone: nn.Module) -> dict[str, RowSite]:
+    """The row sites inside a task's (cloned) backbone, by path."""
+    return {path: module for path, module in clone.named_modules() if isinstance(module, RowSite)}
 
 
 def _hook_owners(module: nn.Module) -> list[Any]:
     hooks = itertools.chain(module._forward_pre_hooks.values(), module._forward_hooks.values(),
                             module._backward_hooks.values())
     owners = [getattr(h, "__self__", h) for h in hooks]
-    return owners + (["forward override"] if "forward" in module.__dict__ else [])
+    storage = "frozen_weight" in module.__dict__  # a frozen-weight storage's forward (--quantize): not a hook
+    return owners + (["forward override"] if "forward" in module.__dict__ and not storage else [])
 
 
-def unexplained(top: nn.Module, base_name: str, backbone: nn.Module, routing: Routing | None,
+def unexplained(top: nn.Module, base_name: str, backbone: nn.Module, method: Method,
                 vanilla_children: set[str]) -> str | None:
-    """Why a task cannot share the mixed pass (a change its routing does not cover), or None."""
+    """Why a task cannot share the mixed pass (a change its row sites and row input do not cover), or None."""
     clone = top.get_submodule(base_name)
     shared = {id(t) for t in itertools.chain(backbone.parameters(), backbone.buffers())}
     own = {id(t) for t in itertools.chain(clone.parameters(), clone.buffers())}
     if not shared <= own:
         return "its delta changes backbone weights"
-    if routing is None:
-        return "no row router for this method"
-    sites = set(find_sites(clone, routing))
+    sites = find_sites(clone)
+    nested = next((p for p in sites if under(p.rpartition(".")[0], set(sites))), None)
+    if nested is not None:
+        return f"its delta puts the row site '{nested}' inside another one"
     for path, tensor in itertools.chain(clone.named_parameters(), clone.named_buffers()):
-        if id(tensor) not in shared and not under(path.rpartition(".")[0], sites):
-            return f"its delta adds '{path}', which no row router applies"
+        if id(tensor) not in shared and not under(path.rpartition(".")[0], set(sites)):
+            return f"its delta adds '{path}', which no row site applies"
     types = {path: type(m) for path, m in backbone.named_modules()}
     for path, module in clone.named_modules():
-        if not under(path, sites) and types.get(path) is not type(module):
+        if not under(path, set(sites)) and types.get(path) is not type(module):
             return f"its method changes module '{path or base_name}'"
-    allowed = [getattr(top, name) for name in routing.hooks if getattr(top, name, None) is not None]
+    allowed = [getattr(top, name) for name in method.ROW_HOOKS if getattr(top, name, None) is not None]
     for module in [top, *clone.modules()]:
         if any(owner not in allowed for owner in _hook_owners(module)):
-            return "its method hooks the backbone in a way no row router applies"
-    extra = set(top._modules) - vanilla_children - set(routing.top_modules)
+            return "its method hooks the backbone in a way no row input applies"
+    extra = set(top._modules) - vanilla_children - set(method.ROW_TOP_MODULES)
     if extra:
         return f"its method adds '{sorted(extra)[0]}' to the model"
     return None
@@ -135,31 +100,25 @@ def stack_padded(tensors: list[torch.Tensor], fill: float) -> torch.Tensor:
 
 
 class RowRouter(nn.Module):
-    """A module of the mixed tree plus, per task, that task's delta tensors at this place.
+    """A module of the mixed tree plus, per task, that task's payload at this place (one row key).
 
-    Each task's payload is a tuple of tensors; they are stacked once into tables (rebuilt only when a
-    task comes or goes), and a batch gathers its rows from them with one index."""
+    The site class that created the router (`kind`) does the math: its `row_forward` gets the frozen
+    `inner` module and the batch's `Rows`: one task's payload unbatched when a single task has a delta
+    here, else the tables gathered per row; only the rows with a delta here are computed."""
 
-    FILL: tuple[float, ...] = ()
-    """Per payload tensor: the value of rows whose task has no delta here (the identity)."""
-
-    def __init__(self, inner: nn.Module, key: str):
+    def __init__(self, inner: nn.Module, key: str, kind: type[RowSite]):
         super().__init__()
         self.inner = inner
         self.key = key
+        self.kind = kind
         self.entries: dict[str, tuple[torch.Tensor, ...]] = {}
         self.tables: list[torch.Tensor] | None = None
         self.index: dict[str, int] = {}
-        self.active = False
-        self.single: Any = None  # every row has the same task here: its unbatched payload
-        self.rows: Any = None  # per-row tensors for this batch (of the `hit` rows only)
-        self.hit: torch.Tensor | None = None
-        """Indices of the rows whose task has a delta here, when some have none (None: every row has one);
-        only those rows are computed: the others pass through, so a mixed batch pays for a kind of delta
-        in proportion to its rows."""
+        self.rows: Rows | None = None
+        """This batch's tensors (None: no row has a delta here, the inner module runs alone)."""
 
-    def add(self, task: str, site: nn.Module) -> None:
-        self.entries[task] = self.payload(site)
+    def add(self, task: str, site: RowSite) -> None:
+        self.entries[task] = tuple(t.detach() for t in site.row_payload())
         self.tables = None
 
     def remove(self, task: str) -> None:
@@ -168,155 +127,34 @@ class RowRouter(nn.Module):
 
     def begin(self, row_tasks: list[str]) -> None:
         """Prepare a batch whose row b belongs to task row_tasks[b]."""
+        self.rows = None  # nothing from an earlier batch survives: rows with no delta here pass through
         present = [t for t in dict.fromkeys(row_tasks) if t in self.entries]
-        self.active = bool(present)
         if not present:
             return
-        if len(present) == 1 and len(set(row_tasks)) == 1:
-            self.single = self.entries[present[0]]
+        device = self.entries[present[0]][0].device
+        if len(present) == 1:  # one task's payload as it is, on its rows (all of them, or some)
+            hit = [b for b, t in enumerate(row_tasks) if t == present[0]]
+            self.rows = Rows(self.entries[present[0]],
+                             None if len(hit) == len(row_tasks) else torch.tensor(hit, device=device))
             return
         if self.tables is None:
             self.index = {t: i for i, t in enumerate(self.entries, 1)}
             columns = zip(*self.entries.values())
-            self.tables = [stack_padded(list(c), fill) for c, fill in zip(columns, self.FILL)]
-        rows = torch.tensor([self.index.get(t, 0) for t in row_tasks], device=self.tables[0].device)
+            self.tables = [stack_padded(list(c), fill) for c, fill in zip(columns, self.kind.ROW_FILL)]
+        rows = torch.tensor([self.index.get(t, 0) for t in row_tasks], device=device)  # (B,)
+        hit = None
         if any(t not in self.entries for t in row_tasks):
-            self.hit = rows.nonzero().flatten()  # (H,)
-            rows = rows[self.hit]
-        self.rows = self.finish([table[rows] for table in self.tables])
+            hit = rows.nonzero().flatten()  # (H,)
+            rows = rows[hit]
+        self.rows = Rows(tuple(table[rows] for table in self.tables), hit, batched=True)
 
     def end(self) -> None:
-        self.active, self.single, self.rows, self.hit = False, None, None, None
-
-    def hit_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, ...) -> the rows with a delta here (H, ...)."""
-        return x if self.hit is None else x.index_select(0, self.hit)
-
-    def scatter(self, full: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
-        """full (B, ...) with the hit rows replaced by part (H, ...)."""
-        return part if self.hit is None else full.index_copy(0, self.hit, part)
-
-    def payload(self, site: nn.Module) -> tuple[torch.Tensor, ...]:
-        raise NotImplementedError
-
-    def finish(self, gathered: list[torch.Tensor]) -> Any:
-        """Per-row tensors (B, ...) gathered from the tables -> what forward uses."""
-        return gathered
-
-
-class LoRARouter(RowRouter):
-    """h = W0 x + s_b (x A_bᵀ) B_bᵀ per row (LoRA; AdaLoRA with A = λ ⊙ Q)."""
-
-    FILL = (0.0, 0.0, 0.0)
-
-    def payload(self, site: nn.Module) -> tuple[torch.Tensor, ...]:
-        name = site.active_adapter
-        if type(site).__name__ == "SVDLinear":  # AdaLoRA: P Λ Q, dropped triplets masked
-            a, b = site.lora_A[name] * (site.lora_E[name] * site.rank_mask(name)), site.lora_B[name]  # (r, k)
-        else:
-            a, b = site.lora_A[name].weight, site.lora_B[name].weight
-        return a.detach(), b.detach(), a.new_tensor(site.scaling[name])
-
-    def finish(self, gathered):
-        a, b, scale = gathered  # (B, r_max, k), (B, d, r_max), (B,)
-        return a, b, scale.view(-1, 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.inner(x)
-        if not self.active:
-            return out
-        if self.single is not None:
-            a, b, scale = self.single
-            return out + (F.linear(F.linear(x.to(a.dtype), a), b) * scale).to(out.dtype)
-        a, b, scale = self.rows
-        update = (self.hit_rows(x).to(a.dtype) @ a.transpose(1, 2)) @ b.transpose(1, 2)  # (H, T, r) -> (H, T, d)
-        update = (update * scale).to(out.dtype)
-        return out + update if self.hit is None else out.index_add(0, self.hit, update)
-
-
-class IA3Router(RowRouter):
-    """Rescale a projection's output (key 'ia3:out') or input ('ia3:in') by the row's vector."""
-
-    FILL = (1.0,)
-
-    def payload(self, site: nn.Module) -> tuple[torch.Tensor]:
-        vector = site.ia3_l[site.active_adapter].detach().flatten()
-        if site.is_feedforward:
-            return (vector,)  # (in,)
-        full = vector.new_ones(site.out_features)  # (out,): ones outside the scaled span
-        full[site.span[0]:site.span[1]] = vector
-        return (full,)
-
-    def finish(self, gathered):
-        return gathered[0].unsqueeze(1)  # (B, 1, n)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.active:
-            return self.inner(x)
-        if self.key == "ia3:in":
-            return self.inner(self.scaled(x))
-        return self.scaled(self.inner(x))
-
-    def scaled(self, h: torch.Tensor) -> torch.Tensor:
-        """h (B, T, n) times each row's vector; only the rows with IA3 here are touched."""
-        if self.single is not None:
-            return rescale(h, self.single[0], 0, h.shape[-1])
-        return self.scatter(h, rescale(self.hit_rows(h), self.rows, 0, h.shape[-1]))  # rows: (H, 1, n)
-
-
-class AdapterRouter(RowRouter):
-    """Bottleneck adapters per row; the serial / parallel / residual wiring is AdapterLayer's own."""
-
-    FILL = (0.0,) * 5  # zero rows add nothing: f(0) = 0 for every activation, Up = 0
-
-    def __init__(self, inner: nn.Module, key: str):
-        super().__init__(inner, key)
-        _, self.mode, self.activation_name = key.split(":")
-        self.active_adapter = "rows"
-
-    @property
-    def base_layer(self) -> nn.Module:
-        return self.inner
-
-    def payload(self, site: nn.Module) -> tuple[torch.Tensor, ...]:
-        name = site.active_adapter
-        down, up = site.adapter_down[name], site.adapter_up[name]
-        return (down.weight.detach(), down.bias.detach(), up.weight.detach(), up.bias.detach(),
-                down.weight.new_tensor(site.scaling[name]))
-
-    def finish(self, gathered):
-        down_w, down_b, up_w, up_b, scale = gathered  # (B, m, d), (B, m), (B, d, m), (B, d), (B,)
-        return down_w, down_b.unsqueeze(1), up_w, up_b.unsqueeze(1), scale.view(-1, 1, 1)
-
-    def update(self, x: torch.Tensor) -> torch.Tensor:
-        if self.single is not None:
-            down_w, down_b, up_w, up_b, scale = self.single
-            out = bottleneck_update(x.to(down_w.dtype), down_w, down_b, up_w, up_b, ACTIVATIONS[self.activation_name])
-            return (out * scale).to(x.dtype)
-        down_w, down_b, up_w, up_b, scale = self.rows  # the hit rows' weights: (H, m, d), ...
-        part = self.hit_rows(x)
-        out = bottleneck_update(part.to(down_w.dtype), down_w, down_b, up_w, up_b, ACTIVATIONS[self.activation_name])
-        out = (out * scale).to(x.dtype)  # (H, T, d)
-        return out if self.hit is None else x.new_zeros(x.shape).index_copy(0, self.hit, out)
+        self.rows = None
 
     def forward(self, *args, **kwargs):
-        if not self.active:
+        if self.rows is None:
             return self.inner(*args, **kwargs)
-        return AdapterLayer.forward(self, *args, **kwargs)
-
-
-def router_key(site: nn.Module) -> str:
-    """Which router applies a site: one router per (place, key) handles every task's delta there."""
-    kind = type(site).__name__
-    if kind == "IA3Linear":
-        return "ia3:in" if site.is_feedforward else "ia3:out"
-    if kind == "AdapterLayer":
-        return f"adapter:{site.mode}:{site.activation[site.active_adapter]}"
-    return "lora"
-
-
-ROUTERS: dict[str, type[RowRouter]] = {"lora": LoRARouter, "ia3": IA3Router, "adapter": AdapterRouter}
-"""Router key prefix -> router class."""
+        return self.kind.row_forward(self.key, self.inner, self.rows, *args, **kwargs)
 
 
 def locate(root: nn.Module, path: str) -> nn.Module:
@@ -329,60 +167,12 @@ def locate(root: nn.Module, path: str) -> nn.Module:
     return module
 
 
-def install_router(root: nn.Module, path: str, key: str) -> RowRouter:
-    """Wrap the module at `path` (or the router already there) in a new router for `key`."""
+def install_router(root: nn.Module, path: str, site: RowSite) -> RowRouter:
+    """Wrap the module at `path` (or the router already there) in a new router for `site`'s row key."""
     parent_path, _, name = path.rpartition(".")
     parent = locate(root, parent_path)
     while name not in parent._modules and isinstance(parent, RowRouter):
         parent = parent.inner
-    router = ROUTERS[key.split(":")[0]](parent._modules[name], key)
+    router = RowRouter(parent._modules[name], site.row_key(), type(site))
     setattr(parent, name, router)
     return router
-
-
-# ---- per-row inputs: soft tokens and prefixes -----------------------------------------------------------
-
-def splice_soft_tokens(embeds: torch.Tensor, mask: torch.Tensor, types: torch.Tensor | None,
-                       soft: list[tuple[torch.Tensor, int] | None]):
-    """Each row as it would enter the backbone alone: [x_<at ; P ; x_≥at], right-padded to the longest.
-
-    embeds (B, T, H), mask (B, T), soft[b] = (P (n_b, H), at) or None -> (B, W, H), (B, W), types."""
-    lengths = mask.sum(1).tolist()
-    sizes = [s[0].shape[0] if s is not None else 0 for s in soft]
-    width = max(t + n for t, n in zip(lengths, sizes))
-    out = embeds.new_zeros(embeds.shape[0], width, embeds.shape[2])  # (B, W, H)
-    out_mask = mask.new_zeros(mask.shape[0], width)
-    out_types = types.new_zeros(types.shape[0], width) if types is not None else None
-    for b, (t, n, s) in enumerate(zip(lengths, sizes, soft)):
-        at = min(s[1], embeds.shape[1]) if s is not None else t
-        out[b, :at] = embeds[b, :at]
-        out[b, at + n:t + n] = embeds[b, at:t]
-        out_mask[b, :t + n] = 1
-        if s is not None:
-            out[b, at:at + n] = s[0].to(embeds.dtype)
-        if out_types is not None:
-            out_types[b, :at] = types[b, :at]
-            out_types[b, at + n:t + n] = types[b, at:t]
-            if n and at:  # the hooks give soft tokens the type of the token they follow
-                out_types[b, at:at + n] = types[b, at]
-    return out, out_mask, out_types
-
-
-def prefix_inputs(config, prefixes: list[torch.Tensor | None], mask: torch.Tensor):
-    """One cache for a batch: row b's prefix (L, 2, n_b, kv_dim) in the last n_b of n_max slots.
-
-    -> (PrefixCache, attention mask (B, n_max + W), position ids (B, W): n_b + t, as alone)."""
-    from deltatune.methods.prefix import PrefixCache, kv_shape
-
-    shape = kv_shape(config)
-    sizes = [p.shape[2] if p is not None else 0 for p in prefixes]
-    n_max, (batch, width) = max(sizes), mask.shape
-    first = next(p for p in prefixes if p is not None)
-    kv = first.new_zeros(batch, shape.layers, 2, n_max, shape.kv_dim)  # (B, L, 2, n_max, kv_dim)
-    prefix_mask = mask.new_zeros(batch, n_max)
-    for b, (n, p) in enumerate(zip(sizes, prefixes)):
-        if p is not None:
-            kv[b, :, :, n_max - n:] = p
-            prefix_mask[b, n_max - n:] = 1
-    positions = torch.tensor(sizes, device=mask.device)[:, None] + torch.arange(width, device=mask.device)
-    return PrefixCache(kv, shape), torch.cat([prefix_mask, mask], dim=1), positions

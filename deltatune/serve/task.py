@@ -24,7 +24,10 @@ from deltatune.backbone import ArchSpec, PooledClassifier, TaskModel
 from deltatune.delta import apply_delta, delta_size_bytes
 from deltatune.errors import UserError
 from deltatune.methods import resolve_method
-from deltatune.serve.routing import ROUTING, find_sites, router_key, structural_clone, unexplained
+from deltatune.methods.base import RowSite
+from deltatune.methods.prefix import prefix_of
+from deltatune.methods.prompt import soft_tokens_of
+from deltatune.serve.routing import find_sites, structural_clone, unexplained
 
 SHARED, OWN = "shared", "own"
 
@@ -45,6 +48,8 @@ class SharedBackbone:
     device: torch.device
     lm_head: nn.Module | None = None
     """The pretrained LM head (tied to the embeddings or read from the checkpoint), for generation."""
+    quantization: dict | None = None
+    """--quantize: the backbone's quantisation (deltatune/quantize.py); None: as loaded."""
 
     def tensor_ids(self) -> set[int]:
         tensors = itertools.chain(self.module.parameters(), self.module.buffers(),
@@ -79,8 +84,8 @@ class ServedTask:
     group: str
     """'shared' (rows join the mixed pass) or 'own' (rows run through `top`, grouped by task)."""
     reason: str = ""
-    sites: dict[str, tuple[str, nn.Module]] = field(default_factory=dict)
-    """Backbone path -> (router key, the method's module there)."""
+    sites: dict[str, RowSite] = field(default_factory=dict)
+    """Backbone path -> the method's row site there (its row key says which router applies it)."""
     soft_tokens: tuple[torch.Tensor, int] | None = None
     """(P (n, H), insert position) for prompt / P-tuning tasks."""
     prefix: torch.Tensor | None = None
@@ -129,6 +134,9 @@ def build_top(shared: SharedBackbone, clone: nn.Module, pooling: str, num_labels
         model_class = AutoModelForSequenceClassification
     elif pooling == "lm" and not config.is_encoder_decoder:
         model_class = AutoModelForCausalLM
+    elif pooling == "lm":  # the decode loop's KV cache holds a decoder's self-attention only
+        raise UserError(f"serve generates with decoders only: a {config.model_type} (encoder-decoder) generation "
+                        "delta decodes alone, through transformers' generate: use deltatune generate")
     else:
         raise UserError(f"serve cannot build a '{pooling}' model for {config.model_type}")
     with torch.device("meta"):  # only the head's shapes: the backbone is the clone
@@ -197,11 +205,11 @@ def build_task(shared: SharedBackbone, name: str, path: str | Path, meta: dict,
         n for n, _ in top.named_parameters() if not n.startswith(base_name + ".") and not n.startswith("lm_head.")]
     task_model = TaskModel(module=top, tokenizer=shared.tokenizer, arch=shared.arch, model_path=shared.model_path,
                            pooling=pooling, num_labels=num_labels, fingerprint=shared.fingerprint,
-                           head_names=head_names)
+                           head_names=head_names, quantization=shared.quantization)
     task_model.label_names = list(labels)  # methods that start from the class names (prompt init=labels)
     verbalizer = meta.get("prompt", {}).get("objective") == "verbalizer"
     if verbalizer:  # the LM head's label-word rows as the head, texts rendered through the template
-        from deltatune.notune.label_head import attach_label_head
+        from deltatune.label_head import attach_label_head
 
         attach_label_head(task_model, meta["prompt"])
     shared_ids = shared.tensor_ids()
@@ -222,26 +230,24 @@ def build_task(shared: SharedBackbone, name: str, path: str | Path, meta: dict,
     view._modules = {**top._modules, base_name: stub}
     task = ServedTask(name=name, path=str(path), meta=meta, top=top, base_name=base_name, view=view,
                       stub=stub, group=SHARED, tokenizer=task_model.tokenizer)
-    routing = ROUTING.get(meta["method"])
-    reason = unexplained(top, base_name, shared.module, routing, vanilla_children)
-    if reason is None and routing.inputs is not None and shared.arch.decoder_layers is not None:
+    reason = unexplained(top, base_name, shared.module, method, vanilla_children)
+    if reason is None and method.ROW_INPUT is not None and shared.arch.decoder_layers is not None:
         reason = "its soft tokens / prefix go into an encoder-decoder's encoder, which the mixed pass does not route"
     if reason is not None:
         task.group, task.reason = OWN, reason
         return task
-    task.sites = {p: (router_key(m), m) for p, m in find_sites(clone, routing).items()}
-    with torch.no_grad():
-        if routing.inputs == "soft_tokens":
-            task.soft_tokens = (top.prompt_encoder["default"]().detach(), top.prompt_hooks.at)  # (n, H)
-        elif routing.inputs == "prefix":
-            task.prefix = top.prompt_encoder["default"]().detach()  # (L, 2, n, kv_dim)
+    task.sites = find_sites(clone)
+    if method.ROW_INPUT == "soft_tokens":
+        task.soft_tokens = soft_tokens_of(top)  # (P (n, H), insert position)
+    elif method.ROW_INPUT == "prefix":
+        task.prefix = prefix_of(top)  # (L, 2, n, kv_dim)
     return task
 
 
 def shared_lm_head(base: TaskModel) -> nn.Module | None:
     """The pretrained LM head around the shared weight (the input embeddings when tied, else the
     checkpoint's lm_head.weight, read once), or None when the model has none."""
-    from deltatune.notune.label_head import lm_head_weight
+    from deltatune.label_head import lm_head_weight
 
     try:
         weight = lm_head_weight(base)
