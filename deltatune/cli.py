@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "export": "deltatune.commands:export",
     "import": "deltatune.commands_lm:import_peft",
     "generate": "deltatune.commands_lm:generate",
+    "chat": "deltatune.chat:chat",
     "compare": "deltatune.compare:compare",
     "estimate": "deltatune.estimate.cli:estimate",
     "intrinsic": "deltatune.intrinsic.run:intrinsic",

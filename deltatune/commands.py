@@ -12,6 +12,7 @@ from deltatune.data import TaskArgs, TaskData
 from deltatune.data.templates import PromptArgs, prompt_options
 from deltatune.distributed import LaunchArgs
 from deltatune.errors import UserError
+from deltatune.generation_metrics import describe as describe_generation
 from deltatune.io import claim_output
 from deltatune.options import AtLeastOne, NonNegative
 
@@ -57,7 +58,7 @@ def train(*, method: str = "lora", out: str, data: TaskArgs, training: TrainConf
     from deltatune.workflow import TrainJob, run_train_job
 
     claim_output(out, "delta")
-    if launch.nproc is not None:  # torchrun starts N of this command without --nproc (docs/scaling.md)
+    if launch.nproc is not None or launch.nnodes > 1:  # torchrun starts N of this command (docs/scaling.md)
         return distributed.launch(distributed.strip_launch_flags(cli.ARGV), launch, "train")
     set_threads(threads)
     prompt_opts, prompt = prompt_options(resolve_method(method)[0], prompt)  # icl/knn options; --objective
@@ -75,6 +76,10 @@ def train(*, method: str = "lora", out: str, data: TaskArgs, training: TrainConf
         return 0  # rank 0 reports
     quality = (f"test loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f}" if "loss" in metrics
                else f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")
+    if "loss" in metrics and "rouge_l" in metrics:
+        from deltatune.generation_metrics import describe
+
+        quality += ", " + describe(metrics)
     return print_metrics(metrics, json_, lambda: (
         f"{method}: {quality}, "
         f"{metrics['trainable_params']:,} trainable parameters ({metrics['trainable_pct']:.3f}%), "
@@ -99,7 +104,7 @@ def print_eval(metrics: dict, meta: dict, task: TaskData, split: str, examples: 
 
 def evaluate(delta: str, *, data: TaskArgs, split: str = "test", model: str | None = None,
              batch_size: AtLeastOne = 64, precision: str = "fp32", device: str = "auto", progress: bool = True,
-             json_: bool = False) -> int:
+             json_: bool = False, quantize: str | None = None) -> int:
     """Evaluate a delta on a task's split (default: the delta's own task).
 
     Args:
@@ -110,7 +115,7 @@ def evaluate(delta: str, *, data: TaskArgs, split: str = "test", model: str | No
         precision: fp32 or bf16.
         device: auto, cpu or cuda.
         progress: Show a progress bar (on stderr).
-        json_: Print the metrics as JSON.
+        json_: Print the metrics as JSON.        quantize: Backbone storage: as the delta was trained (default), none (full precision), or nf4, fp4, int8, 3bit, 2bit.
     """
     from deltatune.backbone import pick_device
     from deltatune.batching import encode
@@ -124,15 +129,16 @@ def evaluate(delta: str, *, data: TaskArgs, split: str = "test", model: str | No
     if split not in ("train", "validation", "test"):
         raise UserError(f"--split must be train, validation or test, not '{split}'")
     if meta["backbone"].get("pooling") == "lm":  # a generation delta: loss and perplexity of the answers
-        metrics, examples = evaluate_generation(delta, task, split, model, batch_size, precision, device)
+        metrics, examples = evaluate_generation(delta, task, split, model, batch_size, precision, device, quantize)
         return print_eval(metrics, meta, task, split, examples, json_,
-                          lambda: f"loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f}")
+                          lambda: f"loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f}, "
+                                  + describe_generation(metrics))
     examples = remap_labels(getattr(task, split), task.label_names, meta["task"]["label_names"])
     strategy = load_strategy(delta, meta, model, pick_device(device), precision, batch_size)  # icl, knn
     if strategy is not None:
         metrics, rows = strategy_metrics(strategy, examples, meta["num_labels"]), examples
     else:
-        loaded = load_delta(delta, model=model, device=pick_device(device))
+        loaded = load_delta(delta, model=model, device=pick_device(device), quantize=quantize)
         max_length = meta.get("train_config", {}).get("max_length", 128)
         rows = encode(loaded.task_model.tokenizer, examples, max_length, split)
         metrics = run_eval(loaded.task_model, rows, batch_size, precision, progress=progress)
@@ -152,7 +158,7 @@ def remap_labels(examples, data_labels: list[str], delta_labels: list[str]):
 
 
 def predict(delta: str, texts: list[str] = (), *, file: str | None = None, model: str | None = None,
-            batch_size: AtLeastOne = 64, device: str = "auto", json_: bool = False) -> int:
+            batch_size: AtLeastOne = 64, device: str = "auto", json_: bool = False, quantize: str | None = None) -> int:
     """Predict labels for texts given as arguments, in a file (one per line), or on stdin.
 
     Args:
@@ -162,7 +168,7 @@ def predict(delta: str, texts: list[str] = (), *, file: str | None = None, model
         model: Backbone folder, if not the one recorded in the delta.
         batch_size: Batch size.
         device: auto, cpu or cuda.
-        json_: Print a JSON list of {text, label, probabilities}.
+        json_: Print a JSON list of {text, label, probabilities}.        quantize: Backbone storage: as the delta was trained (default), none (full precision), or nf4, fp4, int8, 3bit, 2bit.
     """
     from deltatune.backbone import pick_device
     from deltatune.data.files import read_text
@@ -185,7 +191,8 @@ def predict(delta: str, texts: list[str] = (), *, file: str | None = None, model
     if strategy is not None:
         results = predict_with_strategy(strategy, texts, meta["task"]["label_names"])
     else:
-        results = predict_texts(load_delta(delta, model=model, device=pick_device(device)), texts, batch_size)
+        results = predict_texts(load_delta(delta, model=model, device=pick_device(device), quantize=quantize),
+                                texts, batch_size)
     if json_:
         print(json.dumps(results, indent=2, ensure_ascii=False))
     else:
@@ -196,19 +203,28 @@ def predict(delta: str, texts: list[str] = (), *, file: str | None = None, model
 
 
 def export(delta: str, out: str, *, format: str = "peft") -> int:  # noqa: A002 - the flag is --format
-    """Export a delta to another format (peft: adapter_config.json + adapter_model.safetensors).
+    """Export a delta: a peft adapter, or a transformers model folder with the delta merged into its weights.
 
     Args:
         delta: Delta directory written by `deltatune train`.
-        out: Output folder: a new path, an empty folder, or a peft export deltatune wrote (replaced
-            atomically); a file or any other folder is refused.
-        format: Target format: peft.
+        out: Output folder: a new path, an empty folder, or an export of the same format deltatune wrote
+            (replaced atomically); a file or any other folder is refused.
+        format: peft (adapter_config.json + adapter_model.safetensors) or merged (config.json, model.safetensors
+            and the tokenizer: loads with transformers' Auto classes; LoRA, AdaLoRA, IA3, BitFit, full, head).
     """
+    if format not in ("peft", "merged"):
+        raise UserError(f"unknown export format '{format}': supported: peft, merged")
+    claim_output(out, format)
+    if format == "merged":
+        from deltatune.delta import read_meta
+        from deltatune.export_merged import check_mergeable, export_merged
+
+        check_mergeable(delta, read_meta(delta))  # refused before the model loads
+        export_merged(delta, out)
+        print(f"wrote {out} (transformers model with the {read_meta(delta)['method']} delta merged)")
+        return 0
     from deltatune.peft_format import export_peft
 
-    claim_output(out, "peft")
-    if format != "peft":
-        raise UserError(f"unknown export format '{format}': supported: peft")
     export_peft(delta, out)
     print(f"wrote {out} (peft format)")
     return 0

@@ -129,6 +129,9 @@ def compare(*, methods: str = DEFAULT_METHODS, out: str = "runs/compare", data: 
 
     add_memory_estimates(done, model, task, training, {n: dict(o.split("=", 1) for o in options_for(n, set_))
                                                         for n in names})
+    if task.kind == GENERATION:  # the gain of each method over the untuned model with the same prompts
+        rows.insert(0, zero_shot_row(model, task, training))
+        done.insert(0, rows[0])
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "results.json", rows)
     used = ", ".join(sorted({str(r["precision"]) for r in done if r.get("precision")})) or training.precision
@@ -137,11 +140,32 @@ def compare(*, methods: str = DEFAULT_METHODS, out: str = "runs/compare", data: 
               f"precision: {used} (--precision {training.precision}), seed: {training.seed}\n\n")
     table = markdown_table(rows)
     write_text_atomic(out_dir / "results.md", header + table)
-    plot_accuracy_vs_params(done, out_dir / "accuracy_vs_params.png", title=f"{task.name}: accuracy vs trainable parameters")
+    metric = "accuracy" if any("accuracy" in r for r in done) else "rouge_l"
+    plot_accuracy_vs_params(done, out_dir / "accuracy_vs_params.png", metric=metric,
+                            title=f"{task.name}: {metric.replace('_', '-')} vs trainable parameters")
     print(table)
     print(f"precision used: {used} (--precision {training.precision}); "
           f"results: {out_dir}/results.json, results.md, accuracy_vs_params.png")
     return 0
+
+
+def zero_shot_row(model: str | None, task, training: TrainConfig) -> dict:
+    """The base model with its own LM head, no tuning, on the test split: loss and decoded-reply scores."""
+    import time
+
+    from deltatune.backbone import load_task_model, pick_device
+    from deltatune.generation import encode_lm, evaluate_lm, is_seq2seq
+    from deltatune.generation_metrics import generation_metrics
+
+    print("\n== base (0-shot) ==", file=sys.stderr)
+    base = load_task_model(model, 0, pooling="lm", device=pick_device(training.device), seed=training.seed)
+    rows = encode_lm(base.tokenizer, task.test, training.length_for(task.kind), "test", seq2seq=is_seq2seq(base))
+    start = time.perf_counter()
+    metrics = evaluate_lm(base, rows, training.eval_batch_size)
+    metrics.update(generation_metrics(base, task.test))
+    metrics.pop("answer_tokens", None)
+    print(f"base (0-shot): loss {metrics['loss']:.4f} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return {"method": "base (0-shot)", "trainable_params": 0, "trainable_pct": 0.0, "train_seconds": 0.0, **metrics}
 
 
 __all__ = ["compare", "REGISTRY"]

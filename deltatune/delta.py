@@ -24,8 +24,9 @@ from safetensors.torch import load_file, save_file
 
 from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
-from deltatune.io import atomic_directory, write_json_atomic
+from deltatune.io import MANIFEST, atomic_directory, write_json_atomic
 from deltatune.methods.base import Method, config_dict
+from deltatune.quantize import check_delta
 
 FORMAT = "deltatune.delta"
 VERSION = 1
@@ -41,8 +42,9 @@ class LoadedDelta:
 
 
 def save_delta(out: str | Path, task_model: TaskModel, method: Method, config: Any,
-               meta: dict[str, Any]) -> Path:
-    """Write DELTA/delta.safetensors + delta.json atomically; returns the directory."""
+               meta: dict[str, Any], carry: tuple[str, ...] = ()) -> Path:
+    """Write DELTA/delta.safetensors + delta.json atomically; returns the directory. `carry`: entries of
+    the folder being replaced that move into the new one (a run's `checkpoints`), just before the swap."""
     tensors = method.delta_state(task_model, config)
     full_meta = {
         "format": FORMAT,
@@ -55,6 +57,7 @@ def save_delta(out: str | Path, task_model: TaskModel, method: Method, config: A
             "family": task_model.arch.family,
             "model_type": task_model.module.config.model_type,
             "pooling": task_model.pooling,
+            "quantization": task_model.quantization,
         },
         "num_labels": task_model.num_labels,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -63,6 +66,9 @@ def save_delta(out: str | Path, task_model: TaskModel, method: Method, config: A
     with atomic_directory(out, "delta") as tmp:
         save_file(tensors, str(tmp / TENSORS), metadata={"format": FORMAT})
         write_json_atomic(tmp / META, full_meta)
+        for name in carry:
+            if (Path(out) / name).exists():
+                (Path(out) / name).rename(tmp / name)
     return Path(out)
 
 
@@ -104,6 +110,7 @@ def apply_delta(task_model: TaskModel, meta: dict, tensors: dict[str, torch.Tens
         raise UserError(
             f"delta was trained on a different backbone ({meta['backbone']['path']}, fingerprint "
             f"{meta['backbone']['fingerprint']}) than {task_model.model_path} (fingerprint {task_model.fingerprint})")
+    check_delta(meta["backbone"], task_model)  # --quantize: the same kind and packed weights, or a warning
     method.apply(task_model, config)
     if before_load is not None:
         before_load(task_model, tensors)
@@ -111,4 +118,4 @@ def apply_delta(task_model: TaskModel, meta: dict, tensors: dict[str, torch.Tens
 
 
 def delta_size_bytes(path: str | Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file() and f.name != MANIFEST)

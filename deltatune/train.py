@@ -4,7 +4,8 @@ AdamW (decoupled weight decay, none on biases and norms) -> linear warm-up then 
 gradient accumulation -> clipping -> evaluation on validation after each epoch -> the best epoch's
 trainable tensors are restored at the end (unless the method sets RESTORE_BEST_EPOCH = False). Seeded, bf16 autocast optional, device chosen at run
 time. Frozen bottoms run in eval mode and, when nothing trainable sits below them, are cached.
---gradient-checkpointing: transformers' non-reentrant per-layer checkpointing, on for the loop only.
+--gradient-checkpointing: transformers' non-reentrant per-layer checkpointing, on for the loop only;
+auto checkpoints the fewest lowest layers whose estimated step fits --max-memory (estimate/budget.py).
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from deltatune import checkpoint, distributed, fsdp, optimizers
 from deltatune.backbone import TaskModel
 from deltatune.batching import Encoded, collate, eval_batches, train_batches
 from deltatune.caching import FrozenPrefixCache, frozen_prefix_depth
+from deltatune.checkpoint import Plan, Position
 from deltatune.config import TrainConfig
+from deltatune.estimate.budget import checkpointed_layers
 from deltatune.errors import UserError
-from deltatune.evaluate import autocast_for, evaluate, pooled_features
+from deltatune.evaluate import autocast_for, classification_metrics, evaluate, pooled_features, predict_logits
 from deltatune.fast import autocast_precision, training_forward
 from deltatune.fast.attention import pretrained
 from deltatune.methods.base import Method, decay_groups, trainable_state
@@ -41,6 +45,9 @@ class TrainResult:
     train_seconds: float = 0.0
     train_examples_per_second: float = 0.0
     cache: dict[str, Any] = field(default_factory=dict)
+    global_batch: int = 0
+    """Examples per optimizer step over every rank: batch size x ranks x accumulation."""
+    allreduce_bytes_per_step: int = 0
 
 
 def seed_everything(seed: int) -> None:
@@ -50,9 +57,12 @@ def seed_everything(seed: int) -> None:
 
 
 def build_optimizer(module: torch.nn.Module, lr: float, weight_decay: float,
-                    groups: list[dict] | None = None) -> torch.optim.AdamW:
-    """AdamW over `groups` (a method's `param_groups`), by default decay on matrices only."""
-    return torch.optim.AdamW(groups if groups is not None else decay_groups(module, lr, weight_decay), lr=lr)
+                    groups: list[dict] | None = None, name: str = "adamw") -> torch.optim.Optimizer:
+    """--optimizer `name` (deltatune/optimizers.py: AdamW, 8-bit AdamW) over `groups` (a method's
+    `param_groups`), by default decay on matrices only."""
+    groups = groups if groups is not None else decay_groups(module, lr, weight_decay)
+    device = next((p.device for g in groups for p in g["params"]), torch.device("cpu"))
+    return optimizers.build(name, groups, lr, device)
 
 
 def warmup_linear(total_steps: int, warmup_ratio: float):
@@ -90,8 +100,9 @@ def checkpointing_model(task_model: TaskModel):
 
 
 @contextlib.contextmanager
-def gradient_checkpointing(task_model: TaskModel, enabled: bool = True) -> Iterator[None]:
-    """Within this block the layers run checkpointed (in train mode: transformers checks `training`)."""
+def gradient_checkpointing(task_model: TaskModel, enabled: bool = True, layers: int | None = None) -> Iterator[None]:
+    """Within this block the layers run checkpointed (in train mode: transformers checks `training`);
+    `layers`: only the lowest `layers` of them (transformers 5 checks each layer's `gradient_checkpointing`)."""
     if not enabled:
         yield
         return
@@ -103,6 +114,9 @@ def gradient_checkpointing(task_model: TaskModel, enabled: bool = True) -> Itera
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=NON_REENTRANT)
     if not had_hooks:  # transformers made the embeddings' output require grad: reentrant checkpointing's
         model.disable_input_require_grads()  # need; it would backpropagate through frozen bottom layers
+    if layers is not None:
+        for layer in list(task_model.layers())[layers:]:
+            layer.gradient_checkpointing = False
     try:
         yield
     finally:
@@ -133,13 +147,16 @@ def make_cache(task_model: TaskModel, config: TrainConfig, splits: list[list[Enc
 
 
 def train_model(task_model: TaskModel, method: Method, method_config: Any, train: list[Encoded],
-                validation: list[Encoded], config: TrainConfig) -> TrainResult:
-    """Train the trainable parameters of task_model (already prepared by method.apply)."""
+                validation: list[Encoded], config: TrainConfig, plan: Plan | None = None) -> TrainResult:
+    """Train the trainable parameters of task_model (already prepared by method.apply); `plan`: where
+    checkpoints go and which one to resume from (deltatune/checkpoint.py)."""
     seed_everything(config.seed)
     start = time.perf_counter()
-    checkpointing = config.gradient_checkpointing and method.fit is None
+    checkpointing = config.gradient_checkpointing != "off" and method.fit is None
     if checkpointing:
         checkpointing_model(task_model)  # unsupported: fail before filling the cache
+    layers = checkpointed_layers(task_model, method.NAME, method_config, config) if (
+        checkpointing and config.gradient_checkpointing == "auto") else None
     cache = make_cache(task_model, config, [train, validation])
     cache_info = {"depth": cache.depth, "spilled_mb": cache.spilled_bytes / 2**20} if cache else {}
     if method.fit is not None:  # non-gradient methods (features): fit on pooled representations
@@ -153,20 +170,39 @@ def train_model(task_model: TaskModel, method: Method, method_config: Any, train
         return TrainResult(best_epoch=1, validation=val, history=[{"epoch": 1, **val, **fitted}],
                            train_seconds=seconds, train_examples_per_second=len(train) / seconds,
                            cache=cache_info)
-    with gradient_checkpointing(task_model, checkpointing):
+    with gradient_checkpointing(task_model, checkpointing and layers != 0, layers):
         return _gradient_loop(task_model, method, method_config, train, validation, config, cache, start,
-                              cache_info)
+                              cache_info, plan or Plan())
 
 
 def validate(task_model: TaskModel, rows: list[Encoded], config: TrainConfig,
              cache: FrozenPrefixCache | None = None) -> dict[str, float]:
-    """Accuracy and macro-F1 for a classifier; loss and perplexity on the answer tokens for an LM."""
+    """Accuracy and macro-F1 for a classifier; loss and perplexity on the answer tokens for an LM. In a
+    distributed run each rank scores rows[rank::W] and the results are all-reduced: every rank gets the
+    same metrics (and so picks the same best epoch)."""
     amp = autocast_precision(task_model, config.precision)  # none once the fast path set the dtypes
+    world = distributed.current()
+    mine = rows[world.rank::world.size] if world.active else rows
+    start = time.perf_counter()
     if task_model.pooling == "lm":
         from deltatune.generation import evaluate_lm
 
-        return evaluate_lm(task_model, rows, config.eval_batch_size, amp, cache)
-    return evaluate(task_model, rows, config.eval_batch_size, amp, cache)
+        metrics = evaluate_lm(task_model, mine, config.eval_batch_size, amp, cache)
+        if not world.active:
+            return metrics
+        nll, tokens = distributed.all_reduce_sum([metrics["loss"] * metrics["answer_tokens"],
+                                                  metrics["answer_tokens"]])
+        loss = nll / max(1, tokens)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "answer_tokens": int(tokens),
+                "inference_ms_per_example": metrics["inference_ms_per_example"]}
+    if not world.active:
+        return evaluate(task_model, rows, config.eval_batch_size, amp, cache)
+    logits = torch.zeros((len(rows), task_model.num_labels), dtype=torch.float32)  # (N, K), my rows filled
+    logits[world.rank::world.size] = predict_logits(task_model, mine, config.eval_batch_size, amp, cache)
+    distributed.all_reduce_(logits)  # every row from the one rank that scored it (+ exact zeros)
+    metrics = classification_metrics(logits, [r.label for r in rows], task_model.num_labels)
+    metrics["inference_ms_per_example"] = 1000 * (time.perf_counter() - start) / max(1, len(rows))
+    return metrics
 
 
 def describe(metrics: dict[str, float]) -> str:
@@ -183,66 +219,132 @@ def check_finite(loss: torch.Tensor, method: str, step: int, epoch: int, lr: flo
                         f"learning rate {lr:.3g}); no delta was written. Lower the learning rate (--lr)")
 
 
-def _gradient_loop(task_model, method, method_config, train, validation, config, cache, start, cache_info):
-    module, device = task_model.module, task_model.device()
+def labelled_count(row: Encoded, causal: bool) -> int:
+    """What the loss averages over in this row: 1 example, or its scored answer tokens (a causal LM predicts
+    token t+1 at position t, so the first label is never scored)."""
+    if row.token_labels is None:
+        return 1
+    labels = row.token_labels[1:] if causal and row.position_ids is None else row.token_labels
+    return sum(t != -100 for t in labels)
+
+
+def _gradient_loop(task_model, method, method_config, train, validation, config, cache, start, cache_info,
+                   plan: Plan):
+    module, device, world = task_model.module, task_model.device(), distributed.current()
     lr = config.lr if config.lr is not None else method.default_lr(method_config)
-    optimizer = build_optimizer(module, lr, config.weight_decay,
-                                method.param_groups(task_model, method_config, lr, config.weight_decay))
+    params = [p for p in module.parameters() if p.requires_grad]  # before a block optimizer (BAdam) freezes some
+    groups = method.param_groups(task_model, method_config, lr, config.weight_decay)
+    optimizer = (method.make_optimizer(task_model, method_config, groups, lr, config.optimizer)
+                 if method.make_optimizer is not None
+                 else build_optimizer(module, lr, config.weight_decay, groups, config.optimizer))
     lengths = [len(r.input_ids) for r in train]
-    steps_per_epoch = math.ceil(math.ceil(len(train) / config.batch_size) / config.grad_accum)
+    causal = not getattr(task_model.module.config, "is_encoder_decoder", False)
+    counts = [labelled_count(r, causal) for r in train]
+    global_batch = config.batch_size * world.size  # rows per micro-batch over all ranks
+    steps_per_epoch = math.ceil(math.ceil(len(train) / global_batch) / config.grad_accum)
     total_steps = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(total_steps, config.warmup_ratio))
-    params = [p for p in module.parameters() if p.requires_grad]
+    sharded = fsdp.sharded(module)  # FSDP2 reduces (scatters) the gradients itself
+    if not sharded:
+        distributed.broadcast_params(params)
     frozen_depth = frozen_prefix_depth(task_model)
     # False: the delta is the state at the end of training (AdaLoRA: earlier epochs predate its final budget)
     keep_best = method.RESTORE_BEST_EPOCH
-    history: list[dict[str, float]] = []
-    best_state, best_score, best_epoch, best_val = None, float("-inf"), 0, {}
-    step, train_clock = 0, 0.0
+    pos, best_state = Position(), None
+    if plan.resume is not None:
+        pos, best_state = checkpoint.restore(plan.resume, plan, task_model, method, method_config, optimizer,
+                                             scheduler, world.rank)
+    elif plan.out is not None and world.main:
+        checkpoint.clear(plan.out)
+
+    def save() -> None:
+        if plan.out is None:
+            return
+        tensors, meta = checkpoint.capture(task_model, method, method_config, optimizer, scheduler,
+                                           trainable_state(module), best_state, plan.run)
+        if world.main:
+            checkpoint.save(plan.out, pos, tensors, meta, config.keep_checkpoints)
+        distributed.barrier()
+
     forward = training_forward(task_model, cache)  # forward_batch, or the compiled model (--compile)
     amp = autocast_precision(task_model, config.precision)
-    for epoch in range(1, config.epochs + 1):
+    pad_id = task_model.tokenizer.pad_token_id
+    for epoch in range(pos.epoch, config.epochs + 1):
         set_train_mode(task_model, frozen_depth)
-        batches = train_batches(lengths, config.batch_size, seed=config.seed * 1000 + epoch)
-        bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress,
-                   leave=False, unit="batch")
-        epoch_loss, seen, epoch_start = 0.0, 0, time.perf_counter()
+        batches = train_batches(lengths, global_batch, seed=config.seed * 1000 + epoch)
+        bar = tqdm(range(pos.batch, len(batches)), desc=f"epoch {epoch}/{config.epochs}", leave=False,
+                   disable=not (config.progress and world.main), unit="batch", initial=pos.batch,
+                   total=len(batches))
+        epoch_start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        for i, idx in enumerate(bar):
-            batch = collate([train[j] for j in idx], task_model.tokenizer.pad_token_id, device)
+        for i in bar:
+            first = i - i % config.grad_accum
+            window = batches[first:first + config.grad_accum]  # this optimizer step's micro-batches
+            scale = 1.0 / max(1, sum(counts[j] for b in window for j in b))  # over every rank and micro-batch
+            mine = batches[i][world.rank::world.size]  # this rank's rows of the global micro-batch
+            weight = sum(counts[j] for j in mine) * scale
+            if sharded and weight == 0:  # FSDP's forward is a collective: run one row, weighted 0
+                mine, weight = batches[i][:1], 0.0
+            total = None
+            if mine and (weight > 0 or sharded):
+                batch = collate([train[j] for j in mine], pad_id, device)
+                with autocast_for(device, amp):
+                    loss = forward(batch).loss  # the mean over my rows' labelled examples or tokens
+                total = loss.float() * (weight * world.size if sharded else weight)  # FSDP averages over W
+                if weight > 0:
+                    pos.epoch_loss += loss.item() * len(mine)
+                    pos.seen += len(mine)
             with autocast_for(device, amp):
-                loss = forward(batch).loss
                 extra = method.extra_loss(task_model, method_config)  # a regulariser (AdaLoRA: orthogonality)
-                total = loss if extra is None else loss + extra
-            check_finite(total, method.NAME, step + 1, epoch, optimizer.param_groups[0]["lr"])
-            (total.float() / config.grad_accum).backward()
-            epoch_loss += loss.item() * len(idx)
-            seen += len(idx)
-            if (i + 1) % config.grad_accum == 0 or i + 1 == len(batches):
+            if extra is not None:  # once per optimizer step over all ranks and micro-batches
+                extra = extra.float() / (len(window) * world.size)
+                total = extra if total is None else total + extra
+            last = i % config.grad_accum == len(window) - 1  # the window's last micro-batch
+            if sharded:
+                fsdp.sync_gradients(module, last)
+            if total is not None:
+                check_finite(total, method.NAME, pos.step + 1, epoch, optimizer.param_groups[0]["lr"])
+                total.backward()
+            if last:
+                if not sharded:
+                    distributed.all_reduce_grads(params)
                 if config.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
-                step += 1
+                pos.step += 1
                 # before zero_grad: the gradients are still there (AdaLoRA uses them)
-                method.on_train_step(task_model, method_config, step, total_steps)
+                method.on_train_step(task_model, method_config, pos.step, total_steps)
                 optimizer.zero_grad(set_to_none=True)
-            bar.set_postfix(refresh=False, loss=f"{epoch_loss / seen:.4f}",
-                            ex_s=f"{seen / (time.perf_counter() - epoch_start):.1f}")
-        train_clock += time.perf_counter() - epoch_start
+                pos.batch = i + 1
+                if config.save_steps and pos.step % config.save_steps == 0 and i + 1 < len(batches):
+                    pos.train_clock += time.perf_counter() - epoch_start
+                    epoch_start = time.perf_counter()
+                    save()
+            bar.set_postfix(refresh=False, loss=f"{pos.epoch_loss / max(1, pos.seen):.4f}")
+        pos.train_clock += time.perf_counter() - epoch_start
+        loss_sum, seen = distributed.all_reduce_sum([pos.epoch_loss, pos.seen])
         val = validate(task_model, validation, config, cache)
-        history.append({"epoch": epoch, "train_loss": epoch_loss / max(1, seen), **val,
-                        "train_seconds": train_clock})  # time in training steps so far, evaluation excluded
-        if config.progress:
-            tqdm.write(f"epoch {epoch}: train loss {epoch_loss / max(1, seen):.4f}, validation {describe(val)}",
+        pos.history.append({"epoch": epoch, "train_loss": loss_sum / max(1, seen), **val,
+                            "train_seconds": pos.train_clock})  # time in training steps so far, no evaluation
+        if config.progress and world.main:
+            tqdm.write(f"epoch {epoch}: train loss {loss_sum / max(1, seen):.4f}, validation {describe(val)}",
                        file=sys.stderr)  # stdout carries --json output only
         score = val["accuracy"] if "accuracy" in val else -val["loss"]  # LM tasks: the lowest loss wins
-        if score > best_score or not keep_best:
-            best_score, best_epoch, best_val = score, epoch, val
-            if keep_best:
-                best_state = {k: v.clone() for k, v in trainable_state(module).items()}
+        if pos.best_score is None or score > pos.best_score or not keep_best:
+            pos.best_score, pos.best_epoch, pos.best_val = score, epoch, val
+            if keep_best:  # sharded: DTensor copies, each rank its own shards
+                best_state = fsdp.sharded_copy(module) if sharded else \
+                    {k: v.clone() for k, v in trainable_state(module).items()}
+        pos.epoch, pos.batch, pos.epoch_loss, pos.seen = epoch + 1, 0, 0.0, 0
+        if config.save_steps:
+            save()  # at each epoch end
     if best_state is not None:
+        if sharded:
+            fsdp.sharded_copy(module)  # resharded, as best_state
         module.load_state_dict(best_state, strict=False)
     seconds = time.perf_counter() - start
-    return TrainResult(best_epoch=best_epoch, validation=best_val, history=history, train_seconds=seconds,
-                       train_examples_per_second=len(train) * config.epochs / seconds, cache=cache_info)
+    return TrainResult(best_epoch=pos.best_epoch, validation=pos.best_val, history=pos.history,
+                       train_seconds=seconds, train_examples_per_second=len(train) * config.epochs / seconds,
+                       cache=cache_info, global_batch=global_batch * config.grad_accum,
+                       allreduce_bytes_per_step=distributed.gradient_bytes(params) if world.active else 0)

@@ -42,7 +42,8 @@ def check_port(host: str, port: int) -> None:
 
 
 def serve(*, registry: str, port: TCPPort = 8000, model: str | None = None, host: str = "127.0.0.1",
-          device: str = "auto", batching: Batching, limits: Limits, threads: AtLeastOne | None = None) -> int:
+          device: str = "auto", batching: Batching, limits: Limits, threads: AtLeastOne | None = None,
+          quantize: str | None = None) -> int:
     """Serve many task deltas on one frozen backbone over HTTP (admin token: $DELTATUNE_ADMIN_TOKEN).
 
     Args:
@@ -52,6 +53,8 @@ def serve(*, registry: str, port: TCPPort = 8000, model: str | None = None, host
         host: Interface to bind; the default keeps the server to this machine.
         device: auto, cpu or cuda.
         threads: torch intra-op threads (default: torch's choice).
+        quantize: Store the shared backbone quantised: nf4, fp4, int8, 3bit, 2bit (deltas trained on another
+            kind are refused; full-precision deltas load with a warning).
     """
     import uvicorn
 
@@ -69,11 +72,12 @@ def serve(*, registry: str, port: TCPPort = 8000, model: str | None = None, host
     set_threads(threads)
     store = Registry(registry)
     engine = Engine(model or store.setting("model"), device=device,
-                    pass_overhead_tokens=batching.pass_overhead_tokens or None)
+                    pass_overhead_tokens=batching.pass_overhead_tokens or None, quantize=quantize)
     store.set_setting("model", engine.model_path)
     server = Server(engine, store, os.environ.get(ADMIN_TOKEN))
     for warning in server.load_registry():
         print(f"deltatune serve: warning: {warning}", file=sys.stderr)
+    server.watch()  # replicas sharing the registry: another's admin changes are served within seconds
     batcher = Batcher(engine, batching.max_batch_size, batching.max_wait_ms, batching.max_queue).start()
     app = create_app(server, batcher, limits)
     admin = "enabled" if server.admin_token else f"disabled (set {ADMIN_TOKEN})"

@@ -10,6 +10,12 @@
 
 The catalog is written only after the delta has been checked against the served backbone and copied,
 so it never names a delta that is not there.
+
+Replicas: several `deltatune serve` processes on one host may share one registry folder. The catalog runs
+in SQLite's WAL mode (readers never wait for a writer; one writer at a time, others wait up to 30 s), and
+every add or remove stamps the task's revision (`revisions`: name -> a nanosecond clock). Each replica polls
+`revisions()` every few seconds and serves what changed (`Server.sync`). SQLite's locks need one host's
+kernel: a registry on NFS/SMB shared by several hosts is unsafe (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     source TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS revisions (name TEXT PRIMARY KEY, revision INTEGER NOT NULL);
 """
 
 
@@ -58,6 +65,7 @@ class Registry:
         self.removed_temporaries = remove_stale_temporaries(self.deltas)  # a killed registration's partial copy
         self.file = self.root / "catalog.sqlite"
         with closing(self._connect()) as db:
+            db.execute("PRAGMA journal_mode=WAL")  # persistent in the file: every replica's connection uses it
             db.executescript(SCHEMA)
 
     def _connect(self) -> sqlite3.Connection:
@@ -79,11 +87,13 @@ class Registry:
                meta.get("created_at"), time.strftime("%Y-%m-%dT%H:%M:%S%z"), str(source))
         with closing(self._connect()) as db, db:
             db.execute("INSERT OR REPLACE INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+            db.execute("INSERT OR REPLACE INTO revisions VALUES (?, ?)", (name, time.time_ns()))
         return stored
 
     def remove(self, name: str) -> bool:
         with closing(self._connect()) as db, db:
             found = db.execute("DELETE FROM tasks WHERE name = ?", (name,)).rowcount > 0
+            db.execute("DELETE FROM revisions WHERE name = ?", (name,))
         shutil.rmtree(self.path_of(name), ignore_errors=True)
         return found
 
@@ -93,6 +103,14 @@ class Registry:
             rows = db.execute("SELECT * FROM tasks ORDER BY registered_at, name").fetchall()
         return [{**dict(r), "labels": json.loads(r["labels"]), "metrics": json.loads(r["metrics"]),
                  "path": str(self.deltas / r["name"])} for r in rows]
+
+    def revisions(self) -> dict[str, int]:
+        """Each catalogued task's revision (changed by every add): what a replica compares to what it serves.
+        A task catalogued before revisions existed counts as revision 0."""
+        with closing(self._connect()) as db:
+            rows = db.execute("SELECT tasks.name, COALESCE(revisions.revision, 0) FROM tasks "
+                              "LEFT JOIN revisions ON revisions.name = tasks.name").fetchall()
+        return {name: revision for name, revision in rows}
 
     def setting(self, key: str) -> str | None:
         with closing(self._connect()) as db:
