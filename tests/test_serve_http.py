@@ -70,7 +70,7 @@ class ServerProcess:
 class InProcessServer:
     """A real uvicorn server in a thread of this process, serving `engine` (for tests that inspect it)."""
 
-    def __init__(self, engine, registry: Path, admin_token: str | None = None):
+    def __init__(self, engine, registry: Path, admin_token: str | None = None, limits=None):
         import uvicorn
 
         from deltatune.serve.app import create_app
@@ -82,7 +82,7 @@ class InProcessServer:
         self.batcher = Batcher(engine, max_wait_ms=2).start()
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self.uvicorn = uvicorn.Server(uvicorn.Config(create_app(self.server, self.batcher), host="127.0.0.1",
+        self.uvicorn = uvicorn.Server(uvicorn.Config(create_app(self.server, self.batcher, limits), host="127.0.0.1",
                                                      port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
         self.thread.start()

@@ -160,6 +160,16 @@ class Decoder:
             self.live = [self.live[i] for i in keep]
         return produced
 
+    def drop(self, seq: Sequence) -> None:
+        """Take a sequence out between steps (a cancelled request, a stop string): its cache row is freed."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        elif seq in self.live:
+            keep = [i for i, s in enumerate(self.live) if s is not seq]
+            self.cache.keep(keep)
+            self.live = [self.live[i] for i in keep]
+        seq.done = True
+
     def run(self) -> None:
         """Step until every sequence has finished."""
         while self.busy:
@@ -209,10 +219,10 @@ class Decoder:
         return produced
 
     def _logits(self, seqs: list[Sequence], hidden: torch.Tensor) -> torch.Tensor:
-        heads: dict[int, tuple[nn.Module, list[int]]] = {}
+        heads: dict[object, tuple[nn.Module, list[int]]] = {}
         for b, s in enumerate(seqs):
             head = s.head if s.head is not None else self.head
-            heads.setdefault(id(head), (head, []))[1].append(b)
+            heads.setdefault(head_key(head), (head, []))[1].append(b)
         if len(heads) == 1:
             head = next(iter(heads.values()))[0]
             return head(hidden.to(head.weight.dtype)).float()
@@ -224,6 +234,14 @@ class Decoder:
         for index, part in parts:
             logits[index] = part
         return logits
+
+
+def head_key(head: nn.Module) -> object:
+    """Heads that compute the same function share one matmul: bias-free Linears over one weight (every
+    served task's own module around the shared LM head) read the (V, H) weight once per step, not per task."""
+    if type(head) is nn.Linear and head.bias is None:
+        return ("linear", id(head.weight))
+    return id(head)
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:

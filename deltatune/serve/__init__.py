@@ -6,4 +6,6 @@
     registry.py  the SQLite catalog + delta store that survives restarts
     batcher.py   dynamic batching over a bounded queue
     app.py       FastAPI: /v1/predict, /v1/tasks, admin, /healthz, /metrics, the page at /
+    scheduler.py continuous batching for generation: one decode thread, requests join and leave between steps
+    openai_api.py  OpenAI-compatible /v1/chat/completions, /v1/completions, /v1/models (openai_schema.py)
 """

@@ -8,6 +8,8 @@
     PUT    /v1/tasks/{task}            {"path": DELTA_DIR}   admin (Bearer DELTATUNE_ADMIN_TOKEN)
     DELETE /v1/tasks/{task}                                  admin
     GET    /healthz, /metrics (Prometheus text), / (a page to try the tasks), /docs, /openapi.json
+    POST   /v1/chat/completions, /v1/completions, GET /v1/models, POST /v1/(un)load_lora_adapter
+                                       OpenAI-compatible, continuous batching (openai_api.py, scheduler.py)
 
 Errors answer {"detail": "one line"}: 404 unknown task, 413 body too large, 422 bad input or limits,
 409 a delta for another backbone, 401/403 admin refused, 503 + Retry-After when the queue is full.
@@ -50,6 +52,8 @@ class Limits:
     """Generation: tokens per reply."""
     timeout_seconds: float = option(120.0, gt=0)
     """A queued request that has not finished by then answers 504."""
+    max_kv_tokens: int = option(65536, ge=1)
+    """Generation (OpenAI endpoints): KV-cache token slots of all running requests; past it, 503."""
 
 
 class Item(BaseModel):
@@ -127,7 +131,11 @@ def error_status(exc: Exception) -> int:
 
 
 def create_app(server: Server, batcher: Batcher, limits: Limits | None = None) -> FastAPI:
+    from deltatune.serve.openai_api import mount_openai
+    from deltatune.serve.scheduler import Scheduler
+
     limits = limits or Limits()
+    scheduler = Scheduler(server.engine, limits.max_kv_tokens)
     metrics = batcher.metrics
     app = FastAPI(title="deltatune serve", version="1", docs_url=None,
                   description="Many task deltas on one frozen backbone; requests for different tasks share a batch.")
@@ -140,6 +148,11 @@ def create_app(server: Server, batcher: Batcher, limits: Limits | None = None) -
                                                           server.admin_token.encode()):
             raise HTTPException(401, "admin endpoints need 'Authorization: Bearer <DELTATUNE_ADMIN_TOKEN>'",
                                 headers={"WWW-Authenticate": "Bearer"})
+
+    def register(task: str, path: str) -> dict:
+        """PUT /v1/tasks/NAME and POST /v1/load_lora_adapter: checked, built, persisted, served."""
+        check_servable(path)
+        return server.register(task, path)
 
     def check(items: list[tuple[str, str]]) -> None:
         if not items:
@@ -205,8 +218,7 @@ def create_app(server: Server, batcher: Batcher, limits: Limits | None = None) -
     @app.put("/v1/tasks/{task}", dependencies=[Depends(admin)], summary="Register a delta directory (admin)")
     def put_task(task: str, body: RegisterBody) -> dict:
         try:
-            check_servable(body.path)
-            return server.register(task, body.path)
+            return register(task, body.path)
         except UserError as exc:
             raise HTTPException(error_status(exc), str(exc)) from exc
 
@@ -220,7 +232,8 @@ def create_app(server: Server, batcher: Batcher, limits: Limits | None = None) -
 
     @app.get("/healthz", summary="Liveness and what is served")
     def healthz() -> dict:
-        return {"status": "ok", "tasks": len(server.engine.tasks), "queue_rows": batcher.queued_rows}
+        return {"status": "ok", "tasks": len(server.engine.tasks), "queue_rows": batcher.queued_rows,
+                "generation": scheduler.stats()}
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
     def prometheus() -> PlainTextResponse:
@@ -236,6 +249,9 @@ def create_app(server: Server, batcher: Batcher, limits: Limits | None = None) -
     def page() -> HTMLResponse:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
+    mount_openai(app, server, scheduler, limits, admin, register)
+    app.router.on_shutdown.append(scheduler.stop)
+    app.state.scheduler = scheduler
     return Guard(app, metrics, limits.max_body_bytes)
 
 
