@@ -7,6 +7,7 @@ classification delta. References decode each delta alone without any cache (`gre
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,17 +31,23 @@ KINDS = ["lora", "prompt", "prefix", "ia3", "adapter", "full"]
 PROMPTS = ["good movie", "the plot was very dull and boring and so on", "hi"]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def save_tiny_lm(root) -> str:
+    """A tiny Llama with a tied LM head (the bare backbone generates) and a 1024-token context: its folder."""
     from transformers import AutoModelForCausalLM
 
-    root = tmp_path_factory.mktemp("openai")
     config = tiny.tiny_config("llama")
     config.tie_word_embeddings, config.max_position_embeddings = True, 1024
     torch.manual_seed(0)
     model = str(root / "tiny-llama-lm")
     AutoModelForCausalLM.from_config(config).save_pretrained(model)
     tiny._tokenizer("llama").save_pretrained(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("openai")
+    model = save_tiny_lm(root)
     deltas = {m: make_delta(root / m, model, m, pooling="lm", labels=(), kind="generation", seed=i)
               for i, m in enumerate(KINDS)}
     deltas["late"] = make_delta(root / "late", model, "ia3", pooling="lm", labels=(), kind="generation", seed=11)
@@ -234,3 +241,27 @@ def test_unload_while_decoding_ends_the_request(setup):
     assert http.post("/v1/unload_lora_adapter", json={"lora_name": "late"}, headers=admin).status_code == 200
     thread.join(30)
     assert "unloaded" in error_of(result["response"], 400)["message"]
+
+
+def test_completion_equals_cli_generate_raw(setup):
+    """/v1/completions reads the prompt as raw text: greedy, it emits the tokens `deltatune generate --raw` emits.
+
+    Both are checked against the same reference tokens (the delta alone, no cache). The texts differ only in how
+    the tokens are printed: the CLI strips the reply and applies the tokenizer's space clean-up; the API returns
+    the continuation as generated (leading space included), as OpenAI's completions do."""
+    from test_cli import run
+
+    tokenizer = setup["engine"].shared.tokenizer
+    for name in ("lora", "prefix"):
+        reference(setup, name, [1], 1)  # loads the delta alone once
+        for prompt in PROMPTS[:2]:
+            proc = run("generate", str(setup["deltas"][name]), prompt, "--raw", "--max-new-tokens", "6",
+                       "--model", setup["model"], "--device", "cpu", "--json")
+            assert proc.returncode == 0, proc.stderr
+            done = setup["client"].completions.create(model=name, prompt=prompt, max_tokens=6, temperature=0)
+            new, _ = greedy_alone(setup["refs"][name], prompt_ids(tokenizer, prompt, raw=True), 6,
+                                  tokenizer.eos_token_id)
+            assert done.usage.completion_tokens == len(new)
+            assert done.choices[0].text == tokenizer.decode(new, skip_special_tokens=True,
+                                                            clean_up_tokenization_spaces=False), (name, prompt)
+            assert json.loads(proc.stdout)[0]["reply"] == tokenizer.decode(new, skip_special_tokens=True).strip()

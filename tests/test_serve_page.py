@@ -6,9 +6,11 @@ nothing: `scripts/setup.sh --dev` installs chromium and chromium-driver; without
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
+import tiny
 import torch
 from test_serve_engine import make_delta
 
@@ -89,3 +91,63 @@ def test_page_lists_tasks_and_predicts(server_url, browser):
         assert len(shown) == len(expected["probabilities"])
         best = max(expected["probabilities"].values())
         assert shown[0].text.split()[0] == expected["label"] and f"{best:.3f}" in shown[0].text
+
+
+@pytest.fixture(scope="module")
+def chat_server(tmp_path_factory):
+    """A tiny Llama served with two generation deltas (LoRA, prefix) and a classification one."""
+    from test_openai_api import save_tiny_lm
+    from test_serve_http import InProcessServer
+
+    from deltatune.serve.engine import Engine
+
+    root = tmp_path_factory.mktemp("serve-chat")
+    model = save_tiny_lm(root)
+    with tiny.torch_threads(1):
+        engine = Engine(model, device="cpu")
+        server = InProcessServer(engine, root / "registry")
+        for name, method, seed in (("chat-lora", "lora", 0), ("chat-prefix", "prefix", 1)):
+            server.server.register(name, str(make_delta(root / name, model, method, pooling="lm", labels=(),
+                                                        kind="generation", seed=seed)))
+        server.server.register("mood", str(make_delta(root / "mood", model, "lora", seed=4)))
+        yield server.url
+        server.stop()
+
+
+def test_chat_box_streams_the_greedy_reply_and_keeps_the_history(chat_server, browser):
+    """One chat box per generation delta; two turns typed in the page equal the API's greedy replies to the
+    same conversation (so the page sends the history, and the streamed chunks add up to the whole reply)."""
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(chat_server + "/")
+    wait = WebDriverWait(browser, 20)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".chat")) == 2)
+    assert sorted(b.get_attribute("data-model") for b in browser.find_elements(By.CSS_SELECTOR, ".chat")) == [
+        "chat-lora", "chat-prefix"]  # none for the classification delta
+    box = browser.find_element(By.CSS_SELECTOR, '.chat[data-model="chat-prefix"]')
+    limit = box.find_element(By.CSS_SELECTOR, ".max-tokens")
+    limit.clear()
+    limit.send_keys("12")
+    def greedy(messages: list[dict]) -> str:
+        body = {"model": "chat-prefix", "messages": messages, "max_tokens": 12, "temperature": 0}
+        return httpx.post(chat_server + "/v1/chat/completions", json=body, timeout=30).json()[
+            "choices"][0]["message"]["content"]
+
+    messages = []
+    for turn, text in enumerate(("hello there", "and what about the plot?")):
+        box.find_element(By.CSS_SELECTOR, ".message").send_keys(text)
+        box.find_element(By.CSS_SELECTOR, ".send").click()
+        wait.until(lambda d, n=turn + 1: len(box.find_elements(By.CSS_SELECTOR, '.assistant[data-state="done"]')) == n)
+        shown = box.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1].get_attribute("textContent")
+        messages.append({"role": "user", "content": text})
+        reply = greedy(messages)
+        assert reply and shown == reply, turn
+        messages.append({"role": "assistant", "content": reply})
+    assert greedy(messages[-2:-1]) != shown, "this delta replies the same without the history: pick another"
+    assert [m.get_attribute("textContent") for m in box.find_elements(By.CSS_SELECTOR, ".msg.user")] == [
+        "hello there", "and what about the plot?"]
+    if os.environ.get("DELTATUNE_PAGE_SCREENSHOT"):  # a PNG of the page, to look at by eye
+        browser.set_window_size(1100, 1400)
+        browser.save_screenshot(os.environ["DELTATUNE_PAGE_SCREENSHOT"])

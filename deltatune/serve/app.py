@@ -7,7 +7,7 @@
     GET    /v1/tasks                   the served tasks: method, labels, metrics, group
     PUT    /v1/tasks/{task}            {"path": DELTA_DIR}   admin (Bearer DELTATUNE_ADMIN_TOKEN)
     DELETE /v1/tasks/{task}                                  admin
-    GET    /healthz, /metrics (Prometheus text), / (a page to try the tasks), /docs, /openapi.json
+    GET    /healthz, /metrics (Prometheus text), / (page: try tasks, chat with deltas), /docs, /openapi.json
     POST   /v1/chat/completions, /v1/completions, GET /v1/models, POST /v1/(un)load_lora_adapter
                                        OpenAI-compatible, continuous batching (openai_api.py, scheduler.py)
 
