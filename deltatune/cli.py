@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "predict": "deltatune.commands:predict",
     "export": "deltatune.commands:export",
     "import": "deltatune.commands_lm:import_peft",
+    "merge": "deltatune.merge:merge",
     "generate": "deltatune.commands_lm:generate",
     "chat": "deltatune.chat:chat",
     "compare": "deltatune.compare:compare",

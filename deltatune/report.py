@@ -8,6 +8,11 @@ COLUMNS = [
     ("method", "method", "{}"),
     ("accuracy", "accuracy", "{:.4f}"),
     ("macro_f1", "macro-F1", "{:.4f}"),
+    ("loss", "test loss", "{:.4f}"),  # generation tasks: the answer tokens' loss and the decoded replies' scores
+    ("perplexity", "perplexity", "{:.2f}"),
+    ("exact_match", "exact match", "{:.4f}"),
+    ("rouge_l", "ROUGE-L", "{:.4f}"),
+    ("chrf", "chrF", "{:.1f}"),
     ("trainable_params", "trainable params", "{:,}"),
     ("trainable_pct", "trainable %", "{:.3f}"),
     ("peak_memory_mb", "peak RSS MB", "{:.0f}"),
@@ -37,7 +42,8 @@ def _cell(row: dict, key: str, fmt: str) -> str:
         return "–"
     if key == "delta_bytes":
         return human_bytes(value)
-    return fmt.format(value)
+    std = row.get(f"{key}_std")  # compare --seeds: mean ± sample standard deviation
+    return fmt.format(value) if std is None else f"{fmt.format(value)} ± {fmt.format(std)}"
 
 
 def markdown_table(rows: list[dict], columns=COLUMNS) -> str:
@@ -62,23 +68,32 @@ def add_inference_overhead(rows: list[dict]) -> None:
             row["inference_overhead_pct"] = 100.0 * (row["inference_ms_per_example"] / base - 1.0)
 
 
-def plot_accuracy_vs_params(rows: list[dict], path: str | Path, title: str = "") -> None:
+def plot_accuracy_vs_params(rows: list[dict], path: str | Path, title: str = "", metric: str = "accuracy") -> None:
+    """`metric` (test accuracy; ROUGE-L for a generation task) against trainable parameters; a row with none
+    (the 0-shot base model) is a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    label = dict((k, name) for k, name, _ in COLUMNS).get(metric, metric)
     for row in rows:
-        if row.get("accuracy") is None or not row.get("trainable_params"):
+        if row.get(metric) is None:
             continue
-        ax.scatter(row["trainable_params"], row["accuracy"], s=50)
-        ax.annotate(row["method"], (row["trainable_params"], row["accuracy"]), textcoords="offset points",
+        if not row.get("trainable_params"):
+            ax.axhline(row[metric], linestyle="--", color="gray", label=row["method"])
+            continue
+        ax.errorbar(row["trainable_params"], row[metric], yerr=row.get(f"{metric}_std"), fmt="o", markersize=7,
+                    capsize=4)  # compare --seeds: ± one standard deviation
+        ax.annotate(row["method"], (row["trainable_params"], row[metric]), textcoords="offset points",
                     xytext=(6, 4), fontsize=9)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(title or "accuracy vs trainable parameters")
+    ax.set_ylabel(f"test {label}")
+    ax.set_title(title or f"{label} vs trainable parameters")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     tmp = Path(path).with_suffix(".tmp.png")

@@ -157,8 +157,8 @@ def test_import_errors_are_one_line(tiny_dir, tmp_path):
     peft_dir = tmp_path / "peft"
     peft_model_for(tiny_dir("bert"), "bert", "lora").save_pretrained(str(peft_dir))
     config = json.loads((peft_dir / "adapter_config.json").read_text())
-    (peft_dir / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "VERA"}))
-    with pytest.raises(UserError, match="cannot import peft type 'VERA'"):
+    (peft_dir / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "BOFT"}))
+    with pytest.raises(UserError, match="cannot import peft type 'BOFT'"):
         import_peft(peft_dir, tmp_path / "out", model=tiny_dir("bert"))
     (peft_dir / "adapter_config.json").write_text(json.dumps({**config, "task_type": None}))
     with pytest.raises(UserError, match="task_type 'None'"):

@@ -37,7 +37,8 @@ OPTIONS: dict[str, dict] = {
     "mam": {"num_virtual_tokens": 2, "prefix_init": "random", "encoder_hidden_size": 16},
     "adalora": {"init_r": 4, "target_r": 2},
 }
-PER_ROW = {"features", "head", "lora", "adalora", "ia3", "adapter", "prompt", "ptuning", "prefix", "mam"}
+PER_ROW = {"features", "head", "lora", "adalora", "ia3", "adapter", "prompt", "ptuning", "prefix", "mam", "dora",
+           "vera", "loha", "lokr"}
 """Methods whose deltas join the mixed pass (row sites / a row input); the others change shared weights."""
 NOT_SERVED = {"icl", "knn"}  # predict through their own pipelines, not a model pass
 METHODS = [m for m in method_names() if m not in NOT_SERVED]

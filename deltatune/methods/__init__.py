@@ -9,19 +9,25 @@ from deltatune.intrinsic import said as intrinsic
 from deltatune.methods import (
     adalora,
     adapter,
+    badam,
     bitfit,
+    dora,
     features,
     full,
+    galore,
     head,
     ia3,
     icl,
     knn,
+    loha,
+    lokr,
     lora,
     mam,
     prefix,
     prompt,
     ptuning,
     s4,
+    vera,
 )
 from deltatune.methods.base import Method, build_config
 
@@ -29,8 +35,14 @@ _MODULES = {
     "features": features,
     "head": head,
     "full": full,
+    "galore": galore,
+    "badam": badam,
     "lora": lora,
     "adalora": adalora,
+    "dora": dora,
+    "vera": vera,
+    "loha": loha,
+    "lokr": lokr,
     "bitfit": bitfit,
     "adapter": adapter,
     "ia3": ia3,
@@ -49,6 +61,7 @@ REGISTRY: dict[str, Method] = {name: Method.of(module) for name, module in _MODU
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "last2": ("head", {"unfreeze_last": 2}),
     "said": ("intrinsic", {"said": True}),
+    "rrlora": ("lora", {"random_ranks": "1-16"}),
 }
 """Ready names for a method with options: `last2` is `head` with the last 2 layers unfrozen."""
 
