@@ -185,6 +185,9 @@ class TaskModel:
     """Parameter names of the task head (trained by every method except `features`)."""
     label_names: list[str] = field(default_factory=list)
     """Class names in label order, when known (the training workflow sets them; prompt init uses them)."""
+    quantization: dict | None = None
+    """--quantize: the kind, library, compute dtype and packed-weight fingerprint (deltatune/quantize.py);
+    None: the backbone as loaded."""
     loaded_modules: weakref.WeakSet = field(default_factory=weakref.WeakSet, repr=False)
     """The modules as loaded (backbone and head), before any method added its own (the fast path
     casts these to bf16 and leaves a method's modules alone)."""
@@ -249,18 +252,30 @@ def fingerprint_module(module: nn.Module, skip: set[str] = frozenset()) -> str:
     """A short hash of a module's weights: names, shapes and ~1k strided values of each tensor.
 
     Cheap (milliseconds), stable across dtype casts done after loading (values are hashed as
-    float32 of the loaded weights), and different for any two distinct pretrained models.
+    float32 of the loaded weights), and different for any two distinct pretrained models. A projection
+    stored quantised (deltatune/quantize.py) adds its kind and its packed codes and scales, so two
+    quantisations of one model differ; without one the hash is what it always was.
     """
+    from deltatune.storage import QuantizedWeight
+
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        if name in skip or not tensor.is_floating_point():
-            continue
+
+    def add(name: str, tensor: torch.Tensor) -> None:
         flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // 1024)
-        sample = flat[::step].float().cpu().contiguous()
+        sample = flat[::step].cpu().contiguous()
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(sample.numpy().tobytes())
+        digest.update((sample.float() if sample.is_floating_point() else sample.view(torch.uint8)).numpy().tobytes())
+
+    for name, tensor in sorted(module.state_dict().items()):
+        if name not in skip and tensor.is_floating_point():
+            add(name, tensor)
+    for name, sub in module.named_modules():
+        kept = sub.__dict__.get("frozen_weight")
+        if isinstance(kept, QuantizedWeight):
+            for key, tensor in sorted(kept.tensors().items()):
+                add(f"{name}:{kept.name}:{key}", tensor)
     return digest.hexdigest()[:16]
 
 
@@ -299,9 +314,11 @@ def resolve_pooling(model: str | None, pooling: str) -> str:
 
 
 def load_task_model(model: str | None, num_labels: int, pooling: str = "hf",
-                    device: str | torch.device = "cpu", seed: int = 0) -> TaskModel:
+                    device: str | torch.device = "cpu", seed: int = 0, quantize: str | None = None,
+                    precision: str = "auto") -> TaskModel:
     """Load a classification model (or, with pooling="lm", a language model) on a frozen backbone;
-    every parameter starts frozen."""
+    every parameter starts frozen. `quantize` (nf4, fp4, int8, 3bit, 2bit) stores the transformer layers'
+    projections quantised, computing in the dtype `precision` resolves to (deltatune/quantize.py)."""
     from transformers import (
         AutoConfig,
         AutoModel,
@@ -353,10 +370,18 @@ def load_task_model(model: str | None, num_labels: int, pooling: str = "hf",
     head_names = [n for n, _ in module.named_parameters()
                   if n in missing or (pooling != "lm" and not n.startswith(base_prefix))]
     base_missing = {n[len(base_prefix):] for n in missing if n.startswith(base_prefix)}
-    return TaskModel(module=module, tokenizer=tokenizer, arch=arch, model_path=model_path,
-                     pooling=pooling, num_labels=num_labels,
-                     fingerprint=fingerprint_module(module.base_model, skip=base_missing),
-                     head_names=head_names, loaded_modules=weakref.WeakSet(module.modules()))
+    task_model = TaskModel(module=module, tokenizer=tokenizer, arch=arch, model_path=model_path,
+                           pooling=pooling, num_labels=num_labels,
+                           fingerprint=fingerprint_module(module.base_model, skip=base_missing),
+                           head_names=head_names, loaded_modules=weakref.WeakSet(module.modules()))
+    if quantize is not None:
+        from deltatune import quantize as quantization
+
+        kind = quantization.parse(quantize)
+        if kind is not None:
+            quantization.quantize_backbone(task_model, kind, precision)
+            task_model.quantization["fingerprint"] = fingerprint_module(module.base_model)  # + codes, scales
+    return task_model
 
 
 def _base_prefix(module: nn.Module) -> str:

@@ -90,11 +90,16 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.T
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, entries in state["state"].items():
-        for key, value in entries.items():
+        flat = {f"{key}/{k}": v for key, value in entries.items() if isinstance(value, dict)
+                for k, v in value.items()}  # bitsandbytes' 8-bit state nests its quantisation maps one level
+        for key, value in [*((k, v) for k, v in entries.items() if not isinstance(v, dict)), *flat.items()]:
             if torch.is_tensor(value):
                 tensors[f"{index}.{key}"] = value.detach().to("cpu").contiguous()
-            else:
+            elif value is None or isinstance(value, (bool, int, float, str)):
                 scalars[f"{index}.{key}"] = value
+            else:
+                raise UserError(f"--save-steps: the optimizer's state '{key}' ({type(value).__name__}) cannot be "
+                                f"written to a checkpoint (GaLore's projector): train without --save-steps")
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
@@ -115,7 +120,12 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, to
     state: dict[int, dict[str, Any]] = {}
     for name, value in [*tensors.items(), *meta["scalars"].items()]:
         index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
+        outer, nested, inner = key.partition("/")  # bitsandbytes' nested quantisation state
+        entry = state.setdefault(int(index), {})
+        if nested:
+            entry.setdefault(outer, {})[inner] = value
+        else:
+            entry[key] = value
     groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 

@@ -42,8 +42,8 @@ class TrainConfig:
     train_on_prompt: bool = False
     """Generation: learn the prompt tokens too (default: the loss covers the assistant turns only)."""
     packing: bool = False
-    """Generation on decoders: pack several examples into each sequence of up to --max-length tokens, each
-    attending to itself only (block-diagonal causal mask, positions restarting per example): no padding."""
+    """Generation on decoders: pack several examples into each sequence of up to 256 tokens (a longer one
+    alone), each attending to itself only (block-diagonal causal mask, positions restarting per example)."""
     seed: int = option(0, ge=0, lt=2**32)
     """Seeds Python, NumPy and torch: the same seed gives the same delta."""
     precision: str = option("auto", choices=("auto", "fp32", "bf16"))

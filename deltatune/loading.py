@@ -18,9 +18,14 @@ from deltatune.methods import REGISTRY, resolve_method
 from deltatune.notune.job import restore_strategy
 
 
-def load_delta(path: str | Path, model: str | None = None, device: str | torch.device = "cpu") -> LoadedDelta:
-    """Load the backbone the delta was trained on (or `model`), verify it, and apply the delta."""
+def load_delta(path: str | Path, model: str | None = None, device: str | torch.device = "cpu",
+               quantize: str | None = None) -> LoadedDelta:
+    """Load the backbone the delta was trained on (or `model`), verify it, and apply the delta. The
+    backbone is quantised as the delta records (--quantize KIND or none overrides; deltatune/quantize.py)."""
     meta = read_meta(path)
+    recorded = meta["backbone"].get("quantization") or {}
+    precision = {"bfloat16": "bf16", "float32": "fp32"}.get(recorded.get("compute_dtype"), "auto")
+    quantize = recorded.get("kind") if quantize is None else quantize  # as trained: kind and compute dtype
     tensors = read_tensors(path)
     method, config = resolve_method(meta["method"], meta.get("method_config", {}))
     model_path = model or meta["backbone"]["path"]
@@ -29,7 +34,8 @@ def load_delta(path: str | Path, model: str | None = None, device: str | torch.d
     except UserError as exc:
         raise UserError(f"{exc} (the delta's backbone; pass --model PATH)") from exc
     task_model = load_task_model(model_path, num_labels=meta["num_labels"],
-                                 pooling=meta["backbone"]["pooling"], device=device)
+                                 pooling=meta["backbone"]["pooling"], device=device, quantize=quantize,
+                                 precision=precision)
     if meta.get("prompt", {}).get("objective") == "verbalizer":  # PET / LM-BFF: LM head at the label words
         attach_label_head(task_model, meta["prompt"])
     apply_delta(task_model, meta, tensors, method, config)

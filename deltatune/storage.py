@@ -5,7 +5,18 @@
     FP32Weight   fp32, as loaded                         fp32                    fp32
     BF16Weight   bf16 (half the memory); a trainable     bf16                    bf16
                  weight stays an fp32 master, cast per call
-    (next)       nf4 / int8 (bitsandbytes), 2-3 bit (hqq): one class each, same interface
+    NF4Weight    4-bit NormalFloat, blocks of 64, double-    bf16 or fp32            input's
+                 quantised absmax (storage_bnb.py; QLoRA)                            dtype
+    FP4Weight    4-bit float, same layout (storage_bnb.py)   bf16 or fp32            input's
+    Int8Weight   int8 per output row, absmax scale           bf16 or fp32            input's
+                 (storage_bnb.py; LLM.int8's storage)
+    HQQ2Weight   2 / 3 bits, groups of 64 with a bf16 scale  bf16 or fp32            input's
+    HQQ3Weight   and zero (half-quadratic fit; storage_hqq.py)
+
+A quantised storage (`QuantizedWeight`) replaces its source's frozen `weight` in place by the packed
+tensor (same Parameter object and name, now an integer tensor, so the fp32 values are freed) and keeps
+its scales beside it; `dequantize()` rebuilds the (out, in) weight, and its matmul keeps only the
+packed tensor for backward (`_DequantLinear`: dx = dy W, W dequantised again), never a full copy.
 
 Every storage answers the same four questions (`FrozenWeight`):
 
@@ -104,8 +115,95 @@ class BF16Weight(FrozenWeight):
     name, dtype = "bf16", torch.bfloat16
 
 
-KINDS: dict[str, type[FrozenWeight]] = {"fp32": FP32Weight, "bf16": BF16Weight}
-"""Storage classes by name: the quantised backbone adds its kinds here."""
+class _DequantLinear(torch.autograd.Function):
+    """y = x W^T with W dequantised in forward and again in backward: no full-size weight is saved."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, kept: QuantizedWeight) -> torch.Tensor:
+        # x: (N, in) in the compute dtype -> (N, out)
+        ctx.kept = kept
+        return x @ kept.dequantize(x.dtype).t()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # grad: (N, out) -> dx (N, in); the frozen weight gets no gradient
+        return grad @ ctx.kept.dequantize(grad.dtype), None
+
+
+class QuantizedWeight(FrozenWeight):
+    """A frozen weight stored in fewer bits: `quantize` packs the source's fp32 weight once, at attach
+    time; `linear` computes in `compute_dtype` (bf16 or fp32) and returns the input's dtype."""
+
+    bits: ClassVar[float]
+    """Stored bits per weight, scales included (the estimator's and the benchmark's figure)."""
+
+    def __init__(self, source: WeightSource, compute_dtype: torch.dtype = torch.float32,
+                 transposed: bool | None = None):
+        super().__init__(source, transposed)
+        self.dtype = compute_dtype  # type: ignore[misc]  # an instance's compute dtype
+        if source.weight.requires_grad:
+            raise ValueError("a trainable weight cannot be stored quantised")
+        weight = super().dequantize()  # (out, in) fp32, as loaded
+        self.shape = tuple(weight.shape)
+        packed, self.state = self.quantize(weight)
+        source.weight.data = packed  # the Parameter and its name stay; the fp32 values are freed
+
+    def quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, object]:
+        """(out, in) fp32 -> (packed tensor, the state `dequantize` needs)."""
+        raise NotImplementedError
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (out, in) weight rebuilt from the packed tensor, in `dtype`."""
+        raise NotImplementedError
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Everything stored: the packed weight and its scales (fingerprinted, counted in nbytes)."""
+        return {"packed": self.source.weight}
+
+    def to_store(self) -> list[nn.Parameter]:
+        return []  # stored already
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (..., in) -> (..., out) in x's dtype, computed in self.dtype
+        flat = x.reshape(-1, x.shape[-1]).to(self.dtype)  # (N, in)
+        out = _DequantLinear.apply(flat, self)  # (N, out)
+        if self.source.bias is not None:
+            out = out + self.source.bias.to(self.dtype)
+        return out.view(*x.shape[:-1], self.shape[0]).to(x.dtype)
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        raise TypeError(f"{self.name} storage holds projections, not embeddings")
+
+    @property
+    def nbytes(self) -> int:
+        stored = list(self.tensors().values()) + ([self.source.bias] if self.source.bias is not None else [])
+        return sum(t.numel() * t.element_size() for t in stored)
+
+
+KINDS: dict[str, type[FrozenWeight] | str] = {
+    "fp32": FP32Weight, "bf16": BF16Weight,
+    "nf4": "deltatune.storage_bnb:NF4Weight", "fp4": "deltatune.storage_bnb:FP4Weight",
+    "int8": "deltatune.storage_bnb:Int8Weight",
+    "2bit": "deltatune.storage_hqq:HQQ2Weight", "3bit": "deltatune.storage_hqq:HQQ3Weight",
+}
+"""Storage classes by name; a quantised kind is named by its module (bitsandbytes and hqq are imported
+only when used): `kind_class` resolves it."""
+
+
+def kind_class(name: str) -> type[FrozenWeight]:
+    """The storage class of a kind in KINDS (imports its library on first use)."""
+    found = KINDS[name]
+    if isinstance(found, str):
+        import importlib
+
+        module, _, cls = found.partition(":")
+        found = KINDS[name] = getattr(importlib.import_module(module), cls)
+    return found
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether a module computes through a quantised storage (its weight is packed, not a float)."""
+    return isinstance(module.__dict__.get("frozen_weight"), QuantizedWeight)
 
 
 def is_projection(module: nn.Module) -> bool:

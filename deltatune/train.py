@@ -155,7 +155,8 @@ def train_model(task_model: TaskModel, method: Method, method_config: Any, train
     checkpointing = config.gradient_checkpointing != "off" and method.fit is None
     if checkpointing:
         checkpointing_model(task_model)  # unsupported: fail before filling the cache
-    layers = checkpointed_layers(task_model, method.NAME, method_config, config) if (
+    longest = max((len(row.input_ids) for row in train), default=1)  # --gradient-checkpointing auto sizes it
+    layers = checkpointed_layers(task_model, method.NAME, method_config, config, longest) if (
         checkpointing and config.gradient_checkpointing == "auto") else None
     cache = make_cache(task_model, config, [train, validation])
     cache_info = {"depth": cache.depth, "spilled_mb": cache.spilled_bytes / 2**20} if cache else {}

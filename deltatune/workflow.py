@@ -29,6 +29,7 @@ from deltatune.label_head import attach_label_head, objective_pooling, verbalize
 from deltatune.memory import PeakMemory, rss_mb
 from deltatune.methods import resolve_method
 from deltatune.methods.base import config_dict, count_parameters
+from deltatune.packing import ROW_TOKENS as PACK_ROW_TOKENS
 from deltatune.packing import pack_rows, packed_batch_size, refuse_packing
 from deltatune.quantize import apply_method
 from deltatune.train import seed_everything, train_model, validate
@@ -122,7 +123,7 @@ def _run(job: TrainJob, out, config: TrainConfig, method, method_config, world, 
         loop_config = replace(config, batch_size=packed_batch_size(train_rows, packed, config.batch_size),
                               cache="off")  # the frozen-prefix cache runs unpacked rows
         if world.main:
-            print(f"packing: {len(train_rows)} examples in {len(packed)} rows of <= {config.max_length} tokens, "
+            print(f"packing: {len(train_rows)} examples in {len(packed)} rows of <= {PACK_ROW_TOKENS} tokens, "
                   f"{loop_config.batch_size} rows per batch", file=sys.stderr)
         train_rows = packed
     if world.main:
@@ -193,7 +194,8 @@ RUN_SETTINGS = ("epochs", "grad_accum", "lr", "weight_decay", "warmup_ratio", "m
 def run_identity(job: TrainJob, method_config, config: TrainConfig, world_size: int) -> dict[str, Any]:
     """What a checkpoint was trained on and how: a resume with anything else here is refused."""
     task = job.task
-    examples = [[e.text, e.text_pair, e.label, e.target] for e in (*task.train, *task.validation)]
+    examples = [[e.text, e.text_pair, e.label, e.target, *([e.messages] if e.messages else [])]
+                for e in (*task.train, *task.validation)]
     data = hashlib.sha256(json.dumps(examples, ensure_ascii=False).encode()).hexdigest()[:16]
     settings = {k: getattr(config, k) for k in RUN_SETTINGS}
     return {"method": job.method, "method options": config_dict(method_config), "backbone": job.model,

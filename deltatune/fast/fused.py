@@ -93,7 +93,8 @@ def fuse_qkv(task_model: TaskModel) -> list[tuple[nn.Linear, storage.FrozenWeigh
     fused: list[tuple[nn.Linear, storage.FrozenWeight | None]] = []
     for layer in task_model.layers():
         members = [base_linear(layer.get_submodule(path)) for path in (arch.query, arch.key, arch.value)]
-        if not all(isinstance(m, nn.Linear) and m in task_model.loaded_modules for m in members):
+        if not all(isinstance(m, nn.Linear) and m in task_model.loaded_modules and not storage.is_quantized(m)
+                   for m in members):  # a quantised projection computes through its own storage
             continue
         params = [p for m in members for p in m.parameters(recurse=False)]
         if any(p.requires_grad for p in params) or len({p.dtype for p in params}) != 1 \

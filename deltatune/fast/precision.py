@@ -21,7 +21,9 @@ projections compute through a `BF16Weight` storage (deltatune/storage.py, the in
 weight kind meets), norms and the head through forward hooks; parameter names, and so deltas and peft
 exports, stay as they were. The fp32 values of the cast weights wait in a temporary file;
 `Originals.restore()` puts them back and detaches the storages and hooks after training, so what is
-tested and saved is the plain fp32 model.
+tested and saved is the plain fp32 model. A projection of a quantised backbone (--quantize,
+deltatune/quantize.py) is frozen storage already, computing in bf16 or fp32 and returning the stream's
+dtype: it is left as it is (and stays quantised after `restore`).
 """
 
 from __future__ import annotations
@@ -37,31 +39,12 @@ from torch.nn.utils import parametrize
 
 from deltatune import storage
 from deltatune.backbone import TaskModel
-from deltatune.errors import UserError
+from deltatune.runtime import PRECISIONS, bf16_is_fast, resolve_precision  # noqa: F401 - re-exported
 from deltatune.storage import is_projection
 
 __all__ = ["COMPUTE_DTYPE", "PRECISIONS", "is_projection", "resolve_precision", "to_bf16_compute"]
 
 COMPUTE_DTYPE = storage.BF16Weight.dtype
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def bf16_is_fast(device: torch.device) -> bool:
-    """Whether bf16 matmuls run natively here (CUDA with bf16 support; a CPU with AVX512-BF16 or AMX)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """auto -> bf16 where the hardware runs bf16 natively, else fp32; fp32 / bf16 as given."""
-    if requested not in PRECISIONS:
-        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{requested}'")
-    if requested == "auto":
-        return "bf16" if bf16_is_fast(device) else "fp32"
-    return requested
 
 
 # ---- the dtype policy: storages for projections, hooks for norms and the head --------------------------
@@ -92,6 +75,8 @@ class PrecisionReport:
     """Norms and head modules computing in fp32."""
     bf16_mb: float = 0.0
     """Frozen weights now stored in bf16 (MB, after the cast)."""
+    quantized_modules: int = 0
+    """Projections of a quantised backbone (--quantize): left in their storage, never re-cast."""
     untouched: list[str] = field(default_factory=list)
     """Loaded modules with parameters of a type this file does not know: left in fp32 as they were."""
 
@@ -146,6 +131,8 @@ def to_bf16_compute(task_model: TaskModel) -> tuple[PrecisionReport, Originals]:
         elif is_norm(sub):  # fp32 parameters, the output back in the stream's dtype
             originals.hooks.append(sub.register_forward_hook(_back_to_input_dtype, with_kwargs=True))
             report.fp32_modules += 1
+        elif storage.is_quantized(sub):  # --quantize: frozen storage already, computing in its own dtype
+            report.quantized_modules += 1
         elif is_projection(sub):
             kept = storage.BF16Weight(sub)
             storage.attach(sub, kept)

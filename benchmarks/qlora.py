@@ -1,0 +1,166 @@
+"""Peak memory and speed of a LoRA step on SmolLM2-135M (generation) with the frozen backbone stored in
+fp32, bf16, int8, nf4 or 2 bits; against peft + transformers + bitsandbytes (nf4, the QLoRA recipe).
+
+Speed: every variant built once, then interleaved rounds in one process (harness.py). Memory: each
+variant alone in a fresh child, RSS above the process's baseline: the peak while loading (the fp32
+checkpoint is read, then quantised layer by layer), what stays resident after loading, and the peak
+of two training steps; with the weights' share: the bytes the model's tensors and storages hold.
+
+    .venv/bin/python benchmarks/qlora.py [--batch 8] [--seq 256] [--rounds 3] [--threads 2] [--no-peer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from harness import machine_note, memory_in_child, time_interleaved  # noqa: E402
+
+from deltatune.backbone import load_task_model, resolve_model_path  # noqa: E402
+from deltatune.memory import PeakMemory, rss_mb  # noqa: E402
+from deltatune.methods import resolve_method  # noqa: E402
+from deltatune.train import build_optimizer  # noqa: E402
+
+VARIANTS = {"fp32": (None, "fp32"), "bf16": (None, "bf16"), "int8": ("int8", "bf16"), "nf4": ("nf4", "bf16"),
+            "2bit": ("2bit", "bf16")}
+"""deltatune variant -> (--quantize, --precision)."""
+PEER = "peft+bnb nf4"
+LR = 1e-4
+
+
+def fixed_batch(vocab: int, batch: int, seq: int) -> dict:
+    ids = torch.randint(1000, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def stored_mb(module: torch.nn.Module) -> float:
+    """Bytes the model's parameters, buffers and quantised storages hold (a tied tensor once)."""
+    from deltatune.storage import QuantizedWeight
+
+    seen, total = set(), 0
+    tensors = list(module.parameters()) + list(module.buffers())
+    for sub in module.modules():
+        kept = sub.__dict__.get("frozen_weight")
+        if isinstance(kept, QuantizedWeight):
+            tensors += [t for k, t in kept.tensors().items() if k != "packed"]
+        state = getattr(getattr(sub, "weight", None), "quant_state", None)  # bitsandbytes' Params4bit
+        if state is not None:
+            tensors += [state.absmax] + ([state.state2.absmax] if state.nested else [])
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total / 2**20
+
+
+def deltatune_builder(name: str, args, report: dict):
+    quantize, precision = VARIANTS[name]
+
+    def build():
+        from deltatune.fast import prepare, training_forward
+
+        tm = load_task_model("smollm2", 0, pooling="lm", quantize=quantize, precision=precision)
+        method, config = resolve_method("lora")
+        method.apply(tm, config)
+        prepare(tm, precision=precision)  # as train does: bf16 storages, attention, chunked LM loss
+        report[name] = {"weights_mb": stored_mb(tm.module), **({"quantization": tm.quantization} if quantize else {})}
+        forward = training_forward(tm)
+        optimizer = build_optimizer(tm.module, LR, 0.01)
+        batch = fixed_batch(tm.module.config.vocab_size, args.batch, args.seq)
+        tm.module.train()
+
+        def step() -> None:
+            forward(batch).loss.float().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step
+    return build
+
+
+def peer_builder(args, report: dict):
+    def build():
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path("smollm2"), quantization_config=quant,
+                                                     device_map="cpu", dtype=torch.bfloat16)
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+        report[PEER] = {"weights_mb": stored_mb(model)}
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+        batch = fixed_batch(model.config.vocab_size, args.batch, args.seq)
+        model.train()
+
+        def step() -> None:
+            model(**batch).loss.float().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step
+    return build
+
+
+def builders(args, report: dict) -> dict:
+    found = {name: deltatune_builder(name, args, report) for name in VARIANTS}
+    if args.peer:
+        found[PEER] = peer_builder(args, report)
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--memory-child", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    flags = ["--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]
+    if args.memory_child:  # loading (fp32 weights read, then quantised) and the steps, apart
+        report: dict = {}
+        baseline = rss_mb()
+        with PeakMemory() as load:
+            step = builders(args, report)[args.memory_child]()
+        loaded = rss_mb() - baseline
+        with PeakMemory() as steps:
+            for _ in range(2):
+                step()
+        print(json.dumps({"load_peak_mb": load.peak_mb - baseline, "loaded_mb": loaded,
+                          "step_peak_mb": steps.peak_mb - baseline, **report[args.memory_child]}))
+        return
+    note = machine_note()
+    report = {}
+    memory = {name: memory_in_child(__file__, name, flags) for name in builders(args, report)}
+    seconds = time_interleaved(builders(args, report), rounds=args.rounds, steps=1, warmup=1)
+    tokens = args.batch * args.seq
+    print(f"# LoRA step (r 8, q/v), SmolLM2-135M generation, batch {args.batch} x {args.seq}; {note}")
+    print("| variant | step s | tokens/s | step peak MB | weights MB (share of step peak) "
+          "| quantised layers MB (vs 16-bit) | resident after load MB | load peak MB | speed vs peer |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    peer = seconds.get(PEER)
+    for name, s in seconds.items():
+        mem = memory[name]
+        if "error" in mem:
+            print(f"| {name} | {s:.2f} | {tokens / s:,.0f} | error: {mem['error']} | | | | | |")
+            continue
+        q = mem.get("quantization")
+        layers = f"{q['quantized_mb']:.1f} ({q['quantized_mb'] / q['bf16_mb']:.2f}x)" if q else "–"
+        vs = f"{peer / s:.2f}x" if peer and name != PEER else "–"
+        print(f"| {name} | {s:.2f} | {tokens / s:,.0f} | {mem['step_peak_mb']:.0f} | {mem['weights_mb']:.0f} "
+              f"({mem['weights_mb'] / mem['step_peak_mb']:.0%}) | {layers} | {mem['loaded_mb']:.0f} "
+              f"| {mem['load_peak_mb']:.0f} | {vs} |")
+
+
+if __name__ == "__main__":
+    main()
