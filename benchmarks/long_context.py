@@ -11,7 +11,7 @@ tokens, labels on its second half (the shape of an instruction row), a few optim
 Peak memory is the resident set's peak above the child's baseline (after imports, before the model).
 
     .venv/bin/python benchmarks/long_context.py --model smollm2 --methods lora,full \
-        --lengths 256,512,1024,2048,4096 --json OUT [--budget-mb 4000] [--steps 2] [--threads 2]
+        --lengths 256,512,1024,2048,4096 --json OUT [--budget-mb 4000] [--steps 2] [--warmup 1] [--threads 2]
 """
 
 from __future__ import annotations
@@ -86,13 +86,14 @@ def peer_step(model: str, method_name: str, length: int):
     return step
 
 
-def child(variant: str, model: str, method: str, length: int, steps: int) -> dict:
+def child(variant: str, model: str, method: str, length: int, steps: int, warmup: int = 1) -> dict:
     from deltatune.memory import PeakMemory
 
     build = deltatune_step if variant == "deltatune" else peer_step
     with PeakMemory() as peak:
         step = build(model, method, length)
-        step()  # warm-up (allocations, first-call costs)
+        for _ in range(warmup):  # allocations, first-call costs
+            step()
         start = time.perf_counter()
         for _ in range(steps):
             step()
@@ -102,7 +103,8 @@ def child(variant: str, model: str, method: str, length: int, steps: int) -> dic
 
 def run_child(variant: str, args, method: str, length: int) -> dict:
     cmd = [sys.executable, __file__, "--child", variant, "--model", args.model, "--methods", method,
-           "--lengths", str(length), "--steps", str(args.steps), "--threads", str(args.threads)]
+           "--lengths", str(length), "--steps", str(args.steps), "--threads", str(args.threads),
+           "--warmup", str(args.warmup)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["failed"]
@@ -117,6 +119,8 @@ def main() -> None:
     parser.add_argument("--lengths", default="256,512,1024,2048,4096")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones (0: the first "
+                        "step is timed, for long sequences whose step takes minutes)")
     parser.add_argument("--budget-mb", type=float, default=4000)
     parser.add_argument("--json", default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -124,7 +128,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     lengths = [int(x) for x in args.lengths.split(",")]
     if args.child:
-        print(json.dumps(child(args.child, args.model, args.methods, lengths[0], args.steps)))
+        print(json.dumps(child(args.child, args.model, args.methods, lengths[0], args.steps, args.warmup)))
         return
     from harness import machine_note
     from fast_step import matmul_peak  # noqa: E402

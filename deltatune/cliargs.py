@@ -2,7 +2,8 @@
 
 - parameters before `*` are positional (a list -> nargs='*', a default -> nargs='?');
 - `name: int = 3` -> `--name 3`; `snake_case` -> `--snake-case`; a trailing `_` is dropped (`json_` -> `--json`);
-- `bool` -> a switch (`--no-x` form when the default is True); `list[str]` -> repeatable flag;
+- `bool` -> a switch (`--no-x` form when the default is True); `list[str]` -> repeatable flag; a choice
+  among off/on/... (`option("off", choices=("off", "on", "auto"))`) -> the bare flag means on;
 - a dataclass-typed parameter expands into one flag per field, documented by the field's docstring;
 - help text comes from the docstring's `Args:` section;
 - valid ranges (deltatune/options.py) come from `option(...)` fields and `Annotated[int, Range(ge=1)]`
@@ -108,8 +109,9 @@ def _add(parser: argparse.ArgumentParser, name: str, hint: Any, default: Any, he
         kind = base if base in (int, float, str) else str
         required = default is inspect.Parameter.empty
         short = [f"-{name}"] if len(name) == 1 and name != "h" else []  # a one-letter flag also works as -k
+        bare = {"nargs": "?", "const": "on"} if bounds is not None and "on" in (bounds.choices or ()) else {}
         parser.add_argument(flag(name), *short, dest=dest, type=kind, required=required, metavar=name.rstrip("_").upper(),
-                            default=None if required else default, help=help_text + shown)
+                            default=None if required else default, help=help_text + shown, **bare)
 
 
 def build_parser(parser: argparse.ArgumentParser, func: Callable) -> None:

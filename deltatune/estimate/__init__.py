@@ -31,15 +31,17 @@ from deltatune.estimate.sizes import adapter_bottleneck, chosen_layers, ia3_role
 
 GIB = 2**30
 METHODS = ("full", "head", "last2", "features", "lora", "adalora", "bitfit", "adapter", "prompt", "prefix",
-           "ptuning", "ia3", "mam", "qlora")
-OPTIMIZERS = ("adamw", "sgd", "adam8bit")
+           "ptuning", "ia3", "mam", "qlora", "galore", "badam")
+OPTIMIZERS = ("adamw", "sgd", "adamw8bit", "paged_adamw8bit")
+"""`train --optimizer`'s names (deltatune/optimizers.py; `adam8bit` is an alias of adamw8bit) and sgd."""
 CLASSIFIER_ONLY = ("head", "features")
 """Methods that train or fit only a classifier: none of them applies to a generation task."""
 PROJECTED = ("qlora",)
 """Rows that no deltatune method implements yet: projections of the seed's table (see above)."""
-QUANT_CONSTANT_BITS = {8: 0.0, 4: 0.127, 2: 0.5}
+QUANT_CONSTANT_BITS = {8: 0.0, 4: 0.127, 3: 0.7, 2: 0.5}
 """Extra bits per quantized weight: LLM.int8 row scales (negligible), NF4 with double quantization
-(QLoRA paper: 0.127 bits), 2-bit with an fp16 scale and zero per group of 64 (0.5 bits)."""
+(QLoRA paper: 0.127 bits), 3-bit (ten codes per int32: 0.2) and 2-bit with a 16-bit scale and zero per group
+of 64 (0.5 bits), as `train --quantize` stores them (deltatune/storage_bnb.py, storage_hqq.py)."""
 
 
 @dataclass(frozen=True)
@@ -69,11 +71,13 @@ PRECISIONS = {
     "amp": Precision("amp", 4, 4, 4, 2, amp_copy=True),
     "int8": Precision("int8", 2, 2, 4, 2, quantized_bits=8),
     "4bit": Precision("4bit", 2, 2, 4, 2, quantized_bits=4),
+    "3bit": Precision("3bit", 2, 2, 4, 2, quantized_bits=3),
     "2bit": Precision("2bit", 2, 2, 4, 2, quantized_bits=2),
 }
 DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16",
                  "16": "bf16", "16bit": "bf16", "8bit": "int8", "8": "int8", "nf4": "4bit", "int4": "4bit",
-                 "4": "4bit", "int2": "2bit", "2": "2bit", "mixed": "amp"}
+                 "4": "4bit", "int2": "2bit", "2": "2bit", "mixed": "amp", "fp4": "4bit", "int3": "3bit", "3": "3bit"}
+"""`train --quantize`'s kinds (nf4, fp4, int8, 3bit, 2bit) name the same rows here."""
 
 
 def precision_for(dtype: str, method: str) -> Precision:
@@ -197,6 +201,12 @@ def plan_for_method(method: str, shapes: ModelShapes, generation: bool, config: 
         "features": lambda: MethodPlan(method, (frozen,) * n_layers, backprop=False),
         "lora": lambda: MethodPlan(method, lora_layers(config.r), head=new_head),
         "qlora": lambda: MethodPlan(method, lora_layers(config.r), head=new_head),
+        # GaLore: every layer weight trains (full gradients); its optimizer state: `optimizer_state_params`
+        "galore": lambda: MethodPlan(method, (LayerDelta(all_weights=True),) * n_layers, top=True, head=new_head),
+        # BAdam: one layer's gradients and Adam state at a time; the worst block is the bottom one, whose
+        # gradient needs the backward through every layer above it
+        "badam": lambda: MethodPlan(method, (LayerDelta(all_weights=True),) + (frozen,) * (n_layers - 1),
+                                    head=new_head),
         "adalora": lambda: MethodPlan(method, lora_layers(config.init_r, adalora=True), head=new_head),
         "bitfit": lambda: MethodPlan(method, (LayerDelta(biases=True),) * n_layers, outside_biases=True,
                                      head=new_head),
@@ -313,6 +323,19 @@ def count_trainable(shapes: ModelShapes, plan: MethodPlan, generation: bool, num
         delta += (h * e + e) + (e * e + e) + (e * h + h)  # p-tuning MLP: h→e→e→h with biases
     delta += prefix_encoder_params(shapes, plan)[0]
     return TrainableParams(backbone, delta)
+
+
+def optimizer_state_params(shapes: ModelShapes, plan: MethodPlan, trainable: TrainableParams,
+                           config: Any | None) -> TrainableParams:
+    """Parameters whose optimizer state is kept (each gets Adam's m and v): every trainable one, except
+    under GaLore, whose projected layer matrices (m × n) keep their state at rank r: r · max(m, n)."""
+    if plan.method != "galore":
+        return trainable
+    linears = shapes.layer_linears().values()
+    full = sum(lin.in_features * lin.out_features for lin in linears)
+    projected = sum(config.rank * max(lin.in_features, lin.out_features) for lin in linears)
+    layers = sum(1 for layer in plan.layers if layer.all_weights)
+    return TrainableParams(trainable.backbone - layers * (full - projected), trainable.delta)
 
 
 def quantized_matrix_params(shapes: ModelShapes, plan: MethodPlan) -> int:

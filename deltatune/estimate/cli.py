@@ -146,15 +146,15 @@ def estimate(*, model: str = "all-minilm-l6-v2", method: list[str] | None = None
         batch_size: sequences per training step.
         seq_len: tokens per sequence (prompt methods add their soft tokens).
         dtype: training dtype: fp32, bf16, fp16, amp (mixed precision), int8, 4bit, 2bit (k-bit frozen backbone).
-        optimizer: adamw (2 states), sgd (none) or adam8bit (2 bytes per parameter).
+        optimizer: adamw (2 states), sgd (none), adamw8bit or paged_adamw8bit (2 bytes per parameter; adam8bit is an alias), as train's --optimizer.
         activations: activation model for the total: detailed (per-layer autograd accounting) or seed (the slide formula).
         gradient_checkpointing: keep only each layer's input and recompute the layer in backward.
         num_virtual_tokens: soft tokens of prompt tuning, p-tuning, prefix tuning and MAM (default: each method's own).
         num_labels: classifier outputs (classification tasks).
         hardware_table: print the seed's hardware table (7B-70B) beside our estimates instead.
         json_: print a JSON list, one object per method (or per hardware-table cell).
-        attention: attention kernel of the detailed model: eager (saves seq² scores) or sdpa (fused, saves no seq² tensor).
-        measure: run real training steps on this machine (CPU, fp32, AdamW, sdpa), one process per method, and print the measured peak beside the detailed CPU estimate (model: a folder or minilm / smollm2).
+        attention: attention kernel of the detailed model: eager (saves seq² scores), sdpa (fused, saves no seq² tensor), or deltatune (its explicit kernel, blockwise past 512² scores, with the chunked LM loss).
+        measure: run real training steps on this machine (CPU, AdamW), one process per method, and print the measured peak beside the detailed CPU estimate (model: a folder or minilm / smollm2): transformers' model in fp32 with SDPA, or with --attention deltatune deltatune's own training path (its precision, attention and chunked LM loss).
         measure_steps: training steps per method with --measure.
         threads: torch threads per measuring process.
         task: generation (LM loss over the vocabulary) or classification (a --num-labels classifier; a decoder pools its last token, as `deltatune compare` trains it); default: generation for decoders, classification for encoders.
@@ -174,21 +174,25 @@ def estimate(*, model: str = "all-minilm-l6-v2", method: list[str] | None = None
               "(--task classification estimates them)", file=sys.stderr)
     if measure:
         if dtype != "fp32" or optimizer != "adamw" or gradient_checkpointing:
-            raise UserError("--measure trains as deltatune does on this machine: fp32, adamw, no checkpointing")
+            raise UserError("--measure trains with adamw, no checkpointing, in fp32 (sdpa) or the fast path's "
+                            "precision (--attention deltatune): leave --dtype, --optimizer as they are")
+        path = "deltatune" if attention == "deltatune" else "sdpa"
 
         names = [m for m in methods if m in MEASURABLE] if method_names(method) == ["all"] else methods
         rows = measure_methods(model, names, batch_size=batch_size, seq_len=seq_len, steps=measure_steps,
-                               num_labels=num_labels, threads=threads, generation=generation)
+                               num_labels=num_labels, threads=threads, generation=generation, training=path)
         kind = "generation" if generation else f"classification ({num_labels} labels)"
         print(json.dumps(measurements_json(rows), indent=2) if json_ else format_measurements(
-            rows, f"{model}: {kind}, batch {batch_size}, seq {seq_len}, fp32, AdamW, sdpa, CPU; "
+            rows, f"{model}: {kind}, batch {batch_size}, seq {seq_len}, "
+                  f"{'deltatune path' if path == 'deltatune' else 'fp32, sdpa'}, AdamW, CPU; "
                   f"{measure_steps} steps"))
         return 0
     estimates = estimate_for_model(shapes, methods, batch_size=batch_size, seq_len=seq_len, dtype=dtype,
                                    optimizer=optimizer, activations=activations,
                                    gradient_checkpointing=gradient_checkpointing,
                                    num_virtual_tokens=num_virtual_tokens, num_labels=num_labels,
-                                   attention=attention, generation=generation)
+                                   attention=attention, generation=generation,
+                                   lm_loss="chunked" if attention == "deltatune" and generation else "model")
     if json_:
         print(json.dumps([e.to_json() for e in estimates], indent=2))
     else:

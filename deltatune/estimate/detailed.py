@@ -52,8 +52,9 @@ from dataclasses import dataclass, replace
 
 from deltatune.errors import UserError
 from deltatune.estimate import LayerDelta, MethodPlan
+from deltatune.estimate import fastpath
 from deltatune.estimate.shapes import ModelShapes
-from deltatune.estimate.tape import ATTENTION_IMPLEMENTATIONS, Act, RunSettings, Tape
+from deltatune.estimate.tape import ATTENTION_IMPLEMENTATIONS, LM_LOSSES, Act, RunSettings, Tape
 
 
 def delta_input(tape: Tape, x: Act, name: str, run: RunSettings) -> Act:
@@ -124,7 +125,9 @@ def attention_block(tape: Tape, x: Act, shapes: ModelShapes, layer: LayerDelta, 
         tape.free(k_old, v_old)
     score_rows = b * shapes.heads * seq
     math_fallback = run.attention == "sdpa" and run.device == "cpu" and shapes.attention_dropout > 0
-    if run.attention == "sdpa" and not math_fallback:
+    if run.attention == "deltatune":                         # fast/attention.py: no k/v copies, maybe blockwise
+        ctx = fastpath.deltatune_attention(tape, q, k, v, shapes, run, seq, key_len)
+    elif run.attention == "sdpa" and not math_fallback:
         if layer.prefix_tokens:                              # peft passes a mask: kv repeated, mask kept
             k = tape.new(k.derived("k_repeated", width=shapes.q_dim))
             v = tape.new(v.derived("v_repeated", width=shapes.q_dim))
@@ -251,7 +254,12 @@ class ActivationReport:
     """Per layer, its largest gradient buffers (FFN intermediate or attention scores); 0 where backward stops."""
     layer_input_bytes: tuple[float, ...]
     """Per layer, its input when backward passes through it (what checkpointing keeps)."""
-    gradient_checkpointing: bool = False
+    checkpointed: tuple[bool, ...] = ()
+    """Per layer, whether it runs checkpointed (keeps its input, recomputed in backward)."""
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return any(self.checkpointed)
 
     @property
     def total_bytes(self) -> float:
@@ -293,7 +301,9 @@ def head_forward(tape: Tape, x: Act, shapes: ModelShapes, plan: MethodPlan, run:
         x = tape.rms_norm(x, "final_norm", plan.top)
     else:
         x = tape.layer_norm(x, "final_norm", plan.top or plan.outside_biases)
-    if run.generation:
+    if run.generation and run.lm_loss == "chunked":         # fast/lm_loss.py: no (T, V) logits
+        fastpath.chunked_head(tape, x, shapes, run, plan.head, x.rows / b)
+    elif run.generation:
         logits = tape.linear(x, "logits", shapes.vocab, weight_trains=plan.head)
         if logits.itemsize != 4:                             # the loss upcasts: logits.float()
             logits = tape.new(logits.derived("logits_fp32", itemsize=4))
@@ -309,7 +319,9 @@ def backward_buffers(shapes: ModelShapes, run: RunSettings, seq: int, key_len: f
     gradients, or the FFN intermediate's gradient and its activation's."""
     b, a = run.batch_size, run.activation_bytes
     scores = 0.0
-    if run.attention == "eager" or (run.device == "cpu" and shapes.attention_dropout > 0):
+    if run.attention == "deltatune":
+        scores = fastpath.deltatune_attention_backward(shapes, run, seq, key_len)
+    elif run.attention == "eager" or (run.device == "cpu" and shapes.attention_dropout > 0):
         scores = b * shapes.heads * seq * key_len * (a + (4 if shapes.family == "llama" else a))
     ffn = 2 * b * seq * shapes.intermediate * a
     return max(scores, ffn)
@@ -319,6 +331,8 @@ def activation_report(shapes: ModelShapes, plan: MethodPlan, run: RunSettings) -
     """Walk embeddings → layers → head, recording what each part saves for backward and holds meanwhile."""
     if run.attention not in ATTENTION_IMPLEMENTATIONS:
         raise UserError(f"unknown attention {run.attention!r} (choose from {', '.join(ATTENTION_IMPLEMENTATIONS)})")
+    if run.lm_loss not in LM_LOSSES:
+        raise UserError(f"unknown LM loss {run.lm_loss!r} (choose from {', '.join(LM_LOSSES)})")
     if run.generation and not shapes.is_decoder:
         raise UserError(f"{shapes.name} is an encoder: it trains a classifier, not generation")
     seq = run.seq_len + plan.prompt_tokens
@@ -327,27 +341,32 @@ def activation_report(shapes: ModelShapes, plan: MethodPlan, run: RunSettings) -
         plan = replace(plan, embeddings=False, top=False, head=False, outside_biases=False)
     embeddings = Tape(run.device)
     x = embeddings_forward(embeddings, shapes, plan, run, seq)
+    if run.attention == "deltatune" and fastpath.blockwise(seq, key_len):  # the additive mask, saved by
+        embeddings.keep(Act("attention_mask", run.batch_size * seq, key_len, 2, False))  # every layer (bf16)
+    checkpointed = tuple(run.checkpointed(i, len(plan.layers)) for i in range(len(plan.layers)))
     forward_peak = embeddings.peak
     layer_bytes, layer_backward, layer_inputs = [], [], []
     resident = embeddings.total                              # what the forward holds between layers
-    for layer in plan.layers:
+    for i, layer in enumerate(plan.layers):
         tape = Tape(run.device)
         out = layer_forward(tape, x.derived("x"), shapes, layer, run)
         forward_peak = max(forward_peak, resident + tape.peak)
         layer_bytes.append(tape.total)
         layer_backward.append(backward_buffers(shapes, run, seq, key_len) if out.grad else 0.0)
         layer_inputs.append(x.nbytes if out.grad else 0.0)   # checkpointing keeps the input of layers in backward
-        resident += layer_inputs[-1] if run.gradient_checkpointing else tape.total
+        resident += layer_inputs[-1] if checkpointed[i] else tape.total
         x = out
-    layers_total = sum(layer_bytes)
-    if run.gradient_checkpointing:
-        layers_total = min(layers_total, sum(layer_inputs) + max(layer_bytes, default=0.0))
+    kept = [layer_inputs[i] if c else layer_bytes[i] for i, c in enumerate(checkpointed)]
+    recomputed = max((layer_bytes[i] for i, c in enumerate(checkpointed) if c), default=0.0)
+    layers_total = min(sum(layer_bytes), sum(kept) + recomputed)
     head = Tape(run.device)
     head_forward(head, x.derived("last_hidden"), shapes, plan, run)
     forward_peak = max(forward_peak, resident + head.peak)
     tokens = run.batch_size * seq
     if not plan.backprop:
         head_backward = logits_grad = 0.0
+    elif run.generation and run.lm_loss == "chunked":
+        head_backward, logits_grad = fastpath.chunked_head_backward(run, shapes, seq), 0.0
     elif run.generation:
         head_backward = 2 * tokens * shapes.vocab * 4        # ∂log-probs (nll backward) and ∂logits (fp32)
         logits_grad = tokens * shapes.vocab * run.activation_bytes
@@ -355,7 +374,7 @@ def activation_report(shapes: ModelShapes, plan: MethodPlan, run: RunSettings) -
         head_backward = logits_grad = 2 * run.batch_size * run.num_labels * 4
     return ActivationReport(embeddings.total, tuple(layer_bytes), layers_total, head.total, forward_peak,
                             head_backward, logits_grad, tuple(layer_backward), tuple(layer_inputs),
-                            run.gradient_checkpointing)
+                            checkpointed)
 
 
 @dataclass(frozen=True)
@@ -392,8 +411,7 @@ def step_peak(report: ActivationReport, *, backprop: bool, top_gradient_bytes: f
     phases = [StepPeak("forward", forward_saved, 0.0, report.forward_peak_bytes - forward_saved + copies)]
     if not backprop:
         return phases[0]
-    checkpointed = report.gradient_checkpointing
-    below = [report.layer_input_bytes[i] if checkpointed else report.layer_bytes[i]
+    below = [report.layer_input_bytes[i] if report.checkpointed[i] else report.layer_bytes[i]
              for i in range(len(report.layer_bytes))]
     resident = report.embeddings_bytes + sum(below)
     phases.append(StepPeak("backward (loss)", resident + report.head_bytes, 0.0, report.head_backward_bytes + copies))

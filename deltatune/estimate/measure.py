@@ -10,6 +10,13 @@ a classifier with `num_labels` outputs (transformers' sequence-classification he
 a decoder's last token, as `deltatune compare` trains it; `features` pools into deltatune's own linear
 head, as `features.pooling_for` picks it).
 
+Two training paths: `sdpa` (the default) trains the plain transformers model in fp32 with its SDPA
+attention and loss over the full logits; `deltatune` (`estimate --measure --attention deltatune`) trains
+through deltatune's fast path as `train` does (bf16 frozen weights where the CPU runs bf16, its explicit
+attention, blockwise past BLOCKWISE_MIN, the chunked LM loss, dropout 0), estimated with
+attention="deltatune" and lm_loss="chunked"; its peak is reset once the fast path has converted the
+weights (the fp32 load before the conversion is not a training step's memory).
+
 Each method runs in a fresh process, so what one leaves behind is not charged to the next. The
 estimate is asked for exactly what runs: the same batch, sequence, attention kernel, labels and the
 method's own Config (adapter bottleneck, soft tokens, prefix MLP, ...), which both sides read. The peak is
@@ -42,8 +49,10 @@ from deltatune.train import build_optimizer
 TOLERANCE = 0.15
 """The issue's bar: the detailed estimate within 15% of the measured peak."""
 MODEL_FOR_SHAPES = {"all-minilm-l6-v2": "minilm", "smollm2-135m": "smollm2", "smollm2-135m-instruct": "smollm2"}
+PATHS = ("sdpa", "deltatune")
+"""What `--measure` trains: transformers' model with SDPA in fp32, or deltatune's own training path."""
 MEASURABLE = ("full", "head", "last2", "features", "lora", "adalora", "bitfit", "adapter", "prompt", "prefix",
-              "ptuning", "ia3", "mam")
+              "ptuning", "ia3", "mam", "galore", "badam")
 """The estimator's methods that run here (qlora needs bitsandbytes on CUDA)."""
 CHILD_ENV = {"TRANSFORMERS_VERBOSITY": "error", "MALLOC_MMAP_THRESHOLD_": "131072"}
 """A fixed mmap threshold: every buffer over 128 KiB goes back to the system when freed, so RSS follows
@@ -61,6 +70,8 @@ class Measurement:
     """High-water mark of RSS from the model load to the last step."""
     seconds_per_step: float
     trainable_params: int
+    precision: str = "fp32"
+    """The compute precision the child trained in (the fast path's bf16 where the CPU runs it)."""
     estimated_mb: float = 0.0
     error: str | None = None
 
@@ -92,9 +103,13 @@ def _reset_peak() -> bool:
         return False
 
 
-def _train(spec: dict, batch_size: int, seq_len: int, steps: int) -> tuple[int, float]:
-    """Load, apply, train `steps` steps on random tokens: (trainable parameters, seconds per step)."""
+def _train(spec: dict, batch_size: int, seq_len: int, steps: int, prepared=None) -> tuple[int, float, str]:
+    """Load, apply (deltatune path: the fast path, then `prepared()`), train `steps` steps on random tokens:
+    (trainable parameters, seconds per step, precision)."""
     import torch
+
+    from deltatune import fast
+    from deltatune.config import TrainConfig
 
     method, config = resolve_method(spec["method"], spec["options"])
     pooling = "lm" if spec["generation"] else "hf"
@@ -103,6 +118,13 @@ def _train(spec: dict, batch_size: int, seq_len: int, steps: int) -> tuple[int, 
     task_model = load_task_model(spec["model"], num_labels=spec["num_labels"], pooling=pooling)
     task_model.label_names = [f"label {i}" for i in range(spec["num_labels"])]
     method.apply(task_model, config)
+    precision, forward = "fp32", lambda batch: task_model.module(**batch)
+    if spec.get("path") == "deltatune" and method.fit is None:
+        precision = fast.prepare_for_training(task_model, TrainConfig()).precision
+        step_forward = fast.training_forward(task_model)
+        forward = lambda batch: step_forward({**batch, "keys": None})  # noqa: E731
+        if prepared is not None:
+            prepared()
     ids = torch.randint(10, task_model.module.config.vocab_size, (batch_size, seq_len))
     batch = {"input_ids": ids, "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
              "labels": ids.clone() if spec["generation"] else torch.randint(0, spec["num_labels"], (batch_size,))}
@@ -114,12 +136,14 @@ def _train(spec: dict, batch_size: int, seq_len: int, steps: int) -> tuple[int, 
             for _ in range(steps):
                 module(**batch)
     else:
-        optimizer = build_optimizer(module, 1e-4, 0.01)
+        groups = method.param_groups(task_model, config, 1e-4, 0.01)  # GaLore / BAdam: their own optimizer
+        optimizer = (method.make_optimizer(task_model, config, groups, 1e-4, "adamw")
+                     if method.make_optimizer is not None else build_optimizer(module, 1e-4, 0.01, groups))
         for _ in range(steps):
-            module(**batch).loss.backward()
+            forward(batch).loss.float().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    return count_parameters(module)[0], (time.perf_counter() - start) / steps
+    return count_parameters(module)[0], (time.perf_counter() - start) / steps, precision
 
 
 def run_child(spec: dict) -> dict:
@@ -140,17 +164,20 @@ def run_child(spec: dict) -> dict:
     runtime = _rss_mb()
     exact = _reset_peak()
     with PeakMemory() as sampled:
-        trainable, seconds = _train(spec, spec["batch_size"], spec["seq_len"], spec["steps"])
+        trainable, seconds, precision = _train(spec, spec["batch_size"], spec["seq_len"], spec["steps"],
+                                               prepared=_reset_peak)
     peak = _rss_mb("VmHWM") if exact else sampled.peak_mb
     return {"method": spec["label"], "batch_size": spec["batch_size"], "seq_len": spec["seq_len"],
-            "runtime_mb": runtime, "peak_mb": peak, "seconds_per_step": seconds, "trainable_params": trainable}
+            "runtime_mb": runtime, "peak_mb": peak, "seconds_per_step": seconds, "trainable_params": trainable,
+            "precision": precision}
 
 
 def measure_in_child(model: str, method: str, *, batch_size: int, seq_len: int, steps: int = 3,
                      generation: bool = False, decoder: bool = False, num_labels: int = 2, threads: int = 1,
-                     options: dict | None = None, label: str | None = None) -> Measurement:
+                     options: dict | None = None, label: str | None = None, path: str = "sdpa") -> Measurement:
     """Run `run_child` in a fresh Python process and read its Measurement."""
     spec = {"model": model, "method": method, "options": dict(options or {}), "label": label or method,
+            "path": path,
             "batch_size": batch_size, "seq_len": seq_len, "steps": steps, "generation": generation,
             "decoder": decoder, "num_labels": num_labels, "threads": threads}
     proc = subprocess.run([sys.executable, "-m", "deltatune.estimate.measure", json.dumps(spec)],
@@ -165,14 +192,19 @@ def measure_in_child(model: str, method: str, *, batch_size: int, seq_len: int, 
 # ---- estimate vs measured -----------------------------------------------------------------------------
 
 def measure_methods(model: str, methods: list[str], *, batch_size: int, seq_len: int, steps: int = 3,
-                    num_labels: int = 2, threads: int = 1, generation: bool | None = None) -> list[Measurement]:
-    """Measure each method and attach its detailed CPU estimate (MiB) for the same run."""
+                    num_labels: int = 2, threads: int = 1, generation: bool | None = None,
+                    training: str = "sdpa") -> list[Measurement]:
+    """Measure each method and attach its detailed CPU estimate (MiB) for the same run; `training`: PATHS."""
     path = resolve_model_path(MODEL_FOR_SHAPES.get(model.lower(), model))
     shapes = load_shapes(path)
     generation = shapes.is_decoder if generation is None else generation
     if generation and not shapes.is_decoder:
         raise UserError(f"{shapes.name} is an encoder: it trains a classifier, not generation")
-    attention = "sdpa"  # what transformers picks for BERT and Llama on torch >= 2.1
+    if training not in PATHS:
+        raise UserError(f"--measure trains the {' or the '.join(PATHS)} path, not '{training}'")
+    attention = "sdpa" if training == "sdpa" else "deltatune"  # sdpa: what transformers picks for BERT and Llama
+    if training == "deltatune":  # the fast path trains with dropout 0 (--dropout auto)
+        shapes = dataclasses.replace(shapes, hidden_dropout=0.0, attention_dropout=0.0)
     unknown = [m for m in methods if m not in MEASURABLE]
     if unknown:
         raise UserError(f"--measure cannot run {unknown[0]!r} here (measurable: {', '.join(MEASURABLE)})")
@@ -183,10 +215,12 @@ def measure_methods(model: str, methods: list[str], *, batch_size: int, seq_len:
         print(f"measuring {method} ({steps} steps, batch {batch_size}, seq {seq_len})...", file=sys.stderr)
         row = measure_in_child(path, method, batch_size=batch_size, seq_len=seq_len, steps=steps,
                                generation=generation, decoder=shapes.is_decoder, num_labels=num_labels,
-                               threads=threads)
+                               threads=threads, path=training)
+        fast_path = training == "deltatune" and method != "features"
         [estimate] = estimate_for_model(shapes, [method], batch_size=batch_size, seq_len=seq_len,
-                                        attention=attention, device="cpu", generation=generation,
-                                        num_labels=num_labels)
+                                        attention=attention if fast_path else "sdpa", device="cpu",
+                                        generation=generation, num_labels=num_labels, dtype=row.precision,
+                                        lm_loss="chunked" if fast_path and generation else "model")
         row.estimated_mb = estimate.total_gb * 1024
         rows.append(row)
     return rows
@@ -202,9 +236,9 @@ def add_memory_estimates(rows: list[dict], model: str | None, task, training, op
     except UserError:  # an architecture the estimator does not read (T5)
         return
     generation = task.kind == GENERATION
-    seq_len = training.max_length
+    seq_len = training.length_for(task.kind)
     if not generation:
-        lengths = [len(r.input_ids) for r in encode(load_tokenizer(path), task.train, training.max_length)]
+        lengths = [len(r.input_ids) for r in encode(load_tokenizer(path), task.train, seq_len)]
         seq_len = max(lengths, default=seq_len)
     dropout = {"auto": 0.0, "model": None}.get(str(training.dropout), None)
     if dropout is None and str(training.dropout) != "model":

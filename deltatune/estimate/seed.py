@@ -42,7 +42,7 @@ from deltatune.estimate.shapes import ModelShapes
 SEED_CUDA_CONTEXT_BYTES = 1.0 * GIB
 """The "~1Gb" CUDA line of the slides: context, kernels and cuBLAS workspace of one process."""
 
-OPTIMIZER_STATES = {"adamw": 2.0, "sgd": 0.0, "adam8bit": 2.0}
+OPTIMIZER_STATES = {"adamw": 2.0, "sgd": 0.0, "adamw8bit": 2.0, "paged_adamw8bit": 2.0}
 """Optimizer states per trainable parameter: Adam's m and v; plain SGD (no momentum) none."""
 
 
@@ -52,7 +52,7 @@ def optimizer_state_bytes(optimizer: str, param_bytes: float) -> float:
     AdamW keeps m and v in the parameter's dtype: 2 · size(param). 8-bit Adam (bitsandbytes) keeps them in
     1 byte each plus an fp32 absmax per block of 2048 values: 2 + 2·4/2048. SGD without momentum: 0.
     """
-    if optimizer == "adam8bit":
+    if optimizer in ("adamw8bit", "paged_adamw8bit"):
         return 2.0 + 2 * 4 / 2048
     return OPTIMIZER_STATES[optimizer] * param_bytes
 

@@ -25,12 +25,12 @@ from types import ModuleType
 from typing import Any
 
 from deltatune.errors import UserError
-from deltatune.methods import adalora, adapter, ia3, lora, mam, prefix, prompt, ptuning
+from deltatune.methods import adalora, adapter, galore, ia3, lora, mam, prefix, prompt, ptuning
 from deltatune.methods.base import build_config
 
 CONFIGURED: dict[str, ModuleType] = {"lora": lora, "qlora": lora, "adalora": adalora, "adapter": adapter,
                                      "prompt": prompt, "ptuning": ptuning, "prefix": prefix, "ia3": ia3,
-                                     "mam": mam}
+                                     "mam": mam, "galore": galore}
 """The methods whose sizes depend on their options, and the module whose Config holds them."""
 ROLES = {"query": "q", "key": "k", "value": "v", "attn_out": "o", "ffn_out": "down"}
 """deltatune's roles -> the estimate's matrices (`ModelShapes.layer_linears`); ffn_in: `ffn_in_roles`."""

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "deltatune")
+LM_LOSSES = ("model", "chunked")
 
 
 @dataclass(frozen=True)
@@ -21,13 +22,26 @@ class RunSettings:
     delta_bytes: float = 4
     """Bytes per element inside delta modules (peft runs LoRA in fp32 and casts its input to it)."""
     attention: str = "eager"
-    """eager (scores of size seq² are saved) or sdpa (a fused kernel saves only logsumexp)."""
-    gradient_checkpointing: bool = False
+    """eager (scores of size seq² are saved), sdpa (a fused kernel saves only logsumexp) or deltatune (its
+    explicit kernel: P saved below BLOCKWISE_MIN = T·Tk, nothing seq² above it; estimate/fastpath.py)."""
+    gradient_checkpointing: bool | int = False
+    """True: every layer; an int k: the k lowest layers (partial checkpointing, --gradient-checkpointing auto)."""
     device: str = "cuda"
     """cuda: bool dropout masks; cpu: float masks, and SDPA with dropout falls back to the eager math path."""
     generation: bool = True
     """Language-model loss over V logits per token; False: a classifier with num_labels outputs."""
     num_labels: int = 2
+    lm_loss: str = "model"
+    """model: transformers' loss over (T, V) logits; chunked: deltatune's LM head + loss over chunks of the
+    labelled positions (fast/lm_loss.py)."""
+    labelled_fraction: float = 1.0
+    """Share of positions whose next token is labelled (an instruction row: its answer half)."""
+
+    def checkpointed(self, index: int, layers: int) -> bool:
+        """Does layer `index` (of `layers`) run checkpointed?"""
+        if isinstance(self.gradient_checkpointing, bool):
+            return self.gradient_checkpointing
+        return index < min(self.gradient_checkpointing, layers)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from deltatune.estimate import (
     count_trainable,
     head_params,
     largest_trainable_tensors,
+    optimizer_state_params,
     layer_delta_params,
     plan_for_method,
     precision_for,
@@ -42,6 +43,7 @@ from deltatune.estimate.seed import (
 )
 from deltatune.estimate.shapes import ModelShapes, load_shapes
 from deltatune.estimate.sizes import method_config
+from deltatune.optimizers import resolve_optimizer
 
 ACTIVATION_MODELS = ("seed", "detailed")
 DEVICES = ("cuda", "cpu")
@@ -140,8 +142,12 @@ def detailed_peak(shapes: ModelShapes, plan: MethodPlan, report: ActivationRepor
                                                                          precision))
 
 
-def configured(method: str, num_virtual_tokens: int | None, options: dict[str, dict[str, Any]] | None) -> Any:
-    """The method's Config: its defaults, then `options[method]`, then `num_virtual_tokens` where it has them."""
+def configured(method: str, num_virtual_tokens: int | None, options: dict[str, dict[str, Any]] | None,
+               configs: dict[str, Any] | None = None) -> Any:
+    """The method's Config: `configs[method]` as given (a run's own), else its defaults, then `options[method]`,
+    then `num_virtual_tokens` where it has them."""
+    if configs and method in configs:
+        return configs[method]
     config = method_config(method, (options or {}).get(method))
     if config is not None and num_virtual_tokens is not None and hasattr(config, "num_virtual_tokens"):
         return replace(config, num_virtual_tokens=num_virtual_tokens)
@@ -150,14 +156,19 @@ def configured(method: str, num_virtual_tokens: int | None, options: dict[str, d
 
 def estimate_for_model(shapes: ModelShapes | str, methods: Sequence[str], *, batch_size: int = 8,
                        seq_len: int = 128, dtype: str = "fp32", optimizer: str = "adamw",
-                       activations: str = "detailed", gradient_checkpointing: bool = False,
+                       activations: str = "detailed", gradient_checkpointing: bool | int = False,
                        num_virtual_tokens: int | None = None, num_labels: int = 2, attention: str = "eager",
                        device: str = "cuda", generation: bool | None = None,
-                       options: dict[str, dict[str, Any]] | None = None) -> list[MemoryEstimate]:
+                       options: dict[str, dict[str, Any]] | None = None, lm_loss: str = "model",
+                       labelled_fraction: float = 1.0, configs: dict[str, Any] | None = None,
+                       ) -> list[MemoryEstimate]:
     """One `MemoryEstimate` per method. `shapes` is a ModelShapes or anything `load_shapes` accepts;
-    `generation` defaults to True for decoders (LM loss) and False for encoders (classifier)."""
+    `generation` defaults to True for decoders (LM loss) and False for encoders (classifier);
+    `gradient_checkpointing`: every layer (True) or the k lowest (an int); `attention="deltatune"` and
+    `lm_loss="chunked"` model deltatune's own training path (estimate/fastpath.py)."""
     shapes = load_shapes(shapes) if isinstance(shapes, str) else shapes
     generation = shapes.is_decoder if generation is None else generation
+    optimizer = resolve_optimizer(optimizer, extra=("sgd",))  # train's names; adam8bit is adamw8bit
     checks = [(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"),
               (seq_len >= 1, f"seq_len must be >= 1, got {seq_len}"),
               (generation or num_labels >= 1, f"num_labels must be >= 1, got {num_labels}"),
@@ -171,12 +182,13 @@ def estimate_for_model(shapes: ModelShapes | str, methods: Sequence[str], *, bat
     estimates = []
     for method in methods:
         precision = precision_for(dtype, method)
-        plan = plan_for_method(method, shapes, generation, configured(method, num_virtual_tokens, options))
+        config = configured(method, num_virtual_tokens, options, configs)
+        plan = plan_for_method(method, shapes, generation, config)
         if precision.quantized_bits and method == "full":
             raise UserError(f"full fine-tuning cannot train {precision.name} weights: use bf16 or a PEFT method")
         trainable = count_trainable(shapes, plan, generation, num_labels)
         run = RunSettings(batch_size, seq_len, precision.activation_bytes, precision.delta_bytes, attention,
-                          gradient_checkpointing, device, generation, num_labels)
+                          gradient_checkpointing, device, generation, num_labels, lm_loss, labelled_fraction)
         report = activation_report(shapes, plan, run)
         seed_activations = seed_hidden_states_bytes(shapes, batch_size, seq_len, precision.activation_bytes)
         phase = "all at once"
@@ -184,6 +196,7 @@ def estimate_for_model(shapes: ModelShapes | str, methods: Sequence[str], *, bat
             parts = seed_components(shapes, trainable.total, precision, optimizer, batch_size, seq_len,
                                     full=method == "full")
         else:
+            stated = optimizer_state_params(shapes, plan, trainable, config)  # GaLore: rank-r states
             states_backbone = optimizer_state_bytes(optimizer, precision.trained_bytes)
             states_delta = optimizer_state_bytes(optimizer, precision.delta_bytes)
             context = SEED_CUDA_CONTEXT_BYTES if device == "cuda" else 0.0
@@ -192,7 +205,7 @@ def estimate_for_model(shapes: ModelShapes | str, methods: Sequence[str], *, bat
             parts = {  # features: fitted by scikit-learn, no autograd gradients nor optimizer
                 "weights": weight_bytes(shapes, plan, precision, generation, num_labels),
                 "gradients": peak.gradients_bytes,
-                "optimizer": (trainable.backbone * states_backbone + trainable.delta * states_delta
+                "optimizer": (stated.backbone * states_backbone + stated.delta * states_delta
                               if plan.backprop else 0.0),
                 "activations": peak.activations_bytes,
                 "overhead": context + peak.transient_bytes,
