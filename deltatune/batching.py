@@ -27,6 +27,9 @@ class Encoded:
     label: int | None
     token_labels: list[int] | None = None
     """Language-model rows: the target id of each token (-100: not scored, e.g. prompt tokens)."""
+    position_ids: list[int] | None = None
+    """Packed rows (packing.py): each example's positions from 0; token_labels are then already shifted
+    (the target of each position), collated as `shift_labels` with no attention mask."""
 
 
 def encode(tokenizer, examples: list[Example], max_length: int, split: str = "x") -> list[Encoded]:
@@ -86,5 +89,15 @@ def collate(rows: list[Encoded], pad_id: int, device: torch.device | str = "cpu"
         for i, row in enumerate(rows):
             labels[i, :len(row.token_labels)] = torch.tensor(row.token_labels)
         batch["labels"] = labels.to(device)
+    if rows[0].position_ids is not None:  # packed: the position restarts make the block-diagonal mask
+        positions = torch.zeros((len(rows), width), dtype=torch.long)  # padding: its own run from 0
+        for i, row in enumerate(rows):
+            n = len(row.position_ids)
+            positions[i, :n] = torch.tensor(row.position_ids)
+            positions[i, n:] = torch.arange(width - n)
+        batch["position_ids"] = positions.to(device)
+        batch["shift_labels"] = batch["labels"]
+        del batch["attention_mask"]
+        batch["use_cache"] = False  # transformers reads packing from the positions only without a KV cache
     batch["keys"] = [r.key for r in rows]
     return batch

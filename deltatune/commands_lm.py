@@ -10,7 +10,7 @@ from deltatune.errors import UserError
 
 def generate(delta: str, prompts: list[str] = (), *, max_new_tokens: int = 64, sample: bool = False,
              temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, model: str | None = None,
-             device: str = "auto", json_: bool = False) -> int:
+             device: str = "auto", json_: bool = False, quantize: str | None = None, raw: bool = False) -> int:
     """Reply to prompts with a generation delta applied (greedy decoding unless --sample).
 
     Args:
@@ -24,6 +24,9 @@ def generate(delta: str, prompts: list[str] = (), *, max_new_tokens: int = 64, s
         model: Backbone folder, if not the one recorded in the delta.
         device: auto, cpu or cuda.
         json_: Print a JSON list of {prompt, reply}.
+        quantize: Backbone storage: as the delta was trained (default), none (full precision), or nf4, fp4,
+            int8, 3bit, 2bit.
+        raw: Give each prompt to the model as it is, without the chat template (a plain continuation).
     """
     from deltatune.backbone import pick_device
     from deltatune.delta import read_meta
@@ -36,9 +39,9 @@ def generate(delta: str, prompts: list[str] = (), *, max_new_tokens: int = 64, s
     prompts = list(prompts) or [line for line in sys.stdin.read().splitlines() if line.strip()]
     if not prompts:
         raise UserError("no prompt: give prompts as arguments or lines on standard input")
-    loaded = load_delta(delta, model=model, device=pick_device(device))
+    loaded = load_delta(delta, model=model, device=pick_device(device), quantize=quantize)
     replies = generate_texts(loaded.task_model, prompts, max_new_tokens=max_new_tokens, sample=sample,
-                             temperature=temperature, top_p=top_p, seed=seed)
+                             temperature=temperature, top_p=top_p, seed=seed, raw=raw)
     if json_:
         print(json.dumps([{"prompt": p, "reply": r} for p, r in zip(prompts, replies)], indent=2,
                          ensure_ascii=False))
@@ -70,16 +73,21 @@ def import_peft(peft_dir: str, out: str, *, model: str | None = None, labels: st
 
 
 def evaluate_generation(delta: str, task, split: str, model: str | None, batch_size: int, precision: str,
-                        device: str) -> tuple[dict, int]:
-    """`deltatune eval` of a generation delta: (metrics: loss per answer token and perplexity, examples)."""
+                        device: str, quantize: str | None = None) -> tuple[dict, int]:
+    """`deltatune eval` of a generation delta: (metrics: loss per answer token, perplexity, exact match,
+    ROUGE-L, chrF and label accuracy of greedy replies; examples)."""
     from deltatune.backbone import pick_device
+    from deltatune.config import GENERATION_MAX_LENGTH
     from deltatune.generation import encode_lm, evaluate_lm, is_seq2seq
+    from deltatune.generation_metrics import generation_metrics
     from deltatune.loading import load_delta
 
     if task.kind != "generation":
         raise UserError(f"{delta} is a generation delta; task '{task.name}' has no target texts to score")
-    loaded = load_delta(delta, model=model, device=pick_device(device))
-    max_length = loaded.meta.get("train_config", {}).get("max_length", 128)
-    rows = encode_lm(loaded.task_model.tokenizer, getattr(task, split), max_length, split,
-                     seq2seq=is_seq2seq(loaded.task_model))
-    return evaluate_lm(loaded.task_model, rows, batch_size, precision), len(rows)
+    loaded = load_delta(delta, model=model, device=pick_device(device), quantize=quantize)
+    max_length = loaded.meta.get("train_config", {}).get("max_length") or GENERATION_MAX_LENGTH
+    examples = getattr(task, split)
+    rows = encode_lm(loaded.task_model.tokenizer, examples, max_length, split, seq2seq=is_seq2seq(loaded.task_model))
+    metrics = evaluate_lm(loaded.task_model, rows, batch_size, precision)
+    metrics.update(generation_metrics(loaded.task_model, examples))  # exact match, ROUGE-L, chrF, accuracy
+    return metrics, len(rows)

@@ -6,11 +6,11 @@
 
     loss = − mean over answer tokens t of log p(x_t | x_<t)     (the model shifts labels by one)
 
-The prompt is the tokenizer's chat template (one user turn + the generation prompt) when it has one,
-else the text and a newline; the answer is what the template adds for the assistant's turn (ending in
-its end-of-turn token), else the target and EOS. Labels come from each row's own length, never from
-the pad id, so a pad token equal to EOS (SmolLM2) still has its final EOS learned. Encoder-decoder
-models (T5) take the prompt as encoder input and the answer as decoder labels.
+Rows are conversations rendered by `rendering.py` (the chat template, or its plain template): every
+assistant turn is labelled, a multi-turn row teaching each answer; an over-long row loses tokens from
+the left. Labels come from each row's own segments, never from the pad id, so a pad token equal to EOS
+(SmolLM2) still has its final EOS learned. Encoder-decoder models (T5) take the turns before the last
+answer as encoder input and that answer as decoder labels.
 A task model for this is `load_task_model(model, 0, pooling="lm")`: the model's own LM head, frozen.
 """
 
@@ -28,76 +28,40 @@ from deltatune.caching import FrozenPrefixCache
 from deltatune.data import Example
 from deltatune.errors import UserError
 from deltatune.evaluate import autocast_for, forward_batch
+from deltatune.rendering import IGNORE, SEPARATOR, Fitter, Message, encode_turns, prompt_ids, segments
 
-IGNORE = -100
-SEPARATOR = "\n"
+__all__ = ["IGNORE", "SEPARATOR", "answer_ids", "encode_lm", "evaluate_lm", "generate_texts", "prompt_ids"]
+
 LM_EVAL_BATCH = 8
 """Evaluation batches hold (B, T, vocab) logits: at most 8 rows (49k vocab x 128 tokens = 200 MB)."""
-
-
-def has_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
 
 
 def is_seq2seq(task_model: TaskModel) -> bool:
     return bool(getattr(task_model.module.config, "is_encoder_decoder", False))
 
 
-def prompt_text(tokenizer, text: str, seq2seq: bool = False) -> str:
-    """What the model sees before the answer: the chat template's user turn + generation prompt."""
-    if seq2seq:
-        return text
-    if has_chat_template(tokenizer):
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                             add_generation_prompt=True, tokenize=False)
-    return text + SEPARATOR
-
-
 def answer_ids(tokenizer, text: str, target: str, seq2seq: bool = False) -> list[int]:
-    """Token ids of the answer as the model should produce them, ending the turn."""
+    """Token ids of the answer to one user turn as the model should produce them, ending the turn."""
     if seq2seq:
         return tokenizer(target)["input_ids"]  # T5's tokenizer appends </s>
-    if has_chat_template(tokenizer):
-        prompt = prompt_text(tokenizer, text)
-        full = tokenizer.apply_chat_template([{"role": "user", "content": text},
-                                              {"role": "assistant", "content": target}], tokenize=False)
-        if full.startswith(prompt):  # the template's own end of turn (SmolLM2: "<|im_end|>\n")
-            return tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
-    ids = tokenizer(target, add_special_tokens=False)["input_ids"]
-    return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    return segments(tokenizer, [("user", text), ("assistant", target)])[-1][0]
 
 
-def prompt_ids(tokenizer, text: str, seq2seq: bool = False) -> list[int]:
-    # a chat template writes its own special tokens (BOS, turn markers); a plain prompt gets the tokenizer's
-    special = seq2seq or not has_chat_template(tokenizer)
-    return tokenizer(prompt_text(tokenizer, text, seq2seq), add_special_tokens=special)["input_ids"]
-
-
-def fit_length(prompt: list[int], answer: list[int], max_length: int) -> tuple[list[int], list[int]]:
-    """Truncate to max_length tokens: the answer keeps at least half, the prompt keeps its end."""
-    if len(prompt) + len(answer) <= max_length:
-        return prompt, answer
-    answer = answer[:max(max_length - len(prompt), max_length // 2)]
-    keep = max_length - len(answer)
-    return (prompt[-keep:] if keep > 0 else []), answer
-
-
-def encode_lm(tokenizer, examples: list[Example], max_length: int, split: str = "x",
-              seq2seq: bool = False) -> list[Encoded]:
-    """Rows whose labels score only the answer tokens (prompt tokens are -100)."""
+def encode_lm(tokenizer, examples: list[Example], max_length: int, split: str = "x", seq2seq: bool = False,
+              train_on_prompt: bool = False) -> list[Encoded]:
+    """Rows whose labels score the assistant turns only (every other token -100; `train_on_prompt`: all);
+    over-long rows lose prompt tokens from the left, a final answer longer than max_length is refused."""
+    fitter = Fitter(max_length, split)
     rows = []
     for i, example in enumerate(examples):
-        if example.target is None:
+        if example.target is None and example.messages is None:
             raise UserError(f"{split} example {i} has no target text: a generation task needs one per example")
-        prompt = prompt_ids(tokenizer, example.text, seq2seq)
-        answer = answer_ids(tokenizer, example.text, example.target, seq2seq)
-        if seq2seq:  # encoder input and decoder labels are separate sequences
-            rows.append(Encoded(key=f"{split}:{i}", input_ids=prompt[:max_length], token_type_ids=None,
-                                label=None, token_labels=answer[:max_length]))
-            continue
-        prompt, answer = fit_length(prompt, answer, max_length)
-        rows.append(Encoded(key=f"{split}:{i}", input_ids=prompt + answer, token_type_ids=None, label=None,
-                            token_labels=[IGNORE] * len(prompt) + answer))
+        ids, labels = encode_turns(tokenizer, example.turns(), fitter, example.where or f"example {i}", seq2seq,
+                                   train_on_prompt)
+        rows.append(Encoded(key=f"{split}:{i}", input_ids=ids, token_type_ids=None, label=None,
+                            token_labels=labels))
+    fitter.check()
+    fitter.report()
     return rows
 
 
@@ -150,10 +114,12 @@ def decodes_alone(module: torch.nn.Module) -> str | None:
 
 
 @torch.no_grad()
-def generate_texts(task_model: TaskModel, prompts: list[str], max_new_tokens: int = 64, sample: bool = False,
-                   temperature: float = 0.7, top_p: float = 0.9, seed: int = 0) -> list[str]:
+def generate_texts(task_model: TaskModel, prompts: list[str | list[Message]], max_new_tokens: int = 64,
+                   sample: bool = False, temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
+                   raw: bool = False) -> list[str]:
     """One reply per prompt: greedy decoding, or sampling with temperature / top-p (and transformers'
-    default top-k of 50) when `sample`, prompt i with its own generator seeded `seed + i`.
+    default top-k of 50) when `sample`, prompt i with its own generator seeded `seed + i`. A prompt is a
+    text (one user turn) or a conversation's turns so far; `raw`: texts without the chat template.
 
     Decoders run deltatune's decode loop, every prompt in one batch with its own KV-cache row (soft
     tokens and prefixes included); encoder-decoders (T5) decode one prompt at a time through
@@ -165,23 +131,31 @@ def generate_texts(task_model: TaskModel, prompts: list[str], max_new_tokens: in
     module, tokenizer = task_model.module, task_model.tokenizer
     module.eval()
     seq2seq = is_seq2seq(task_model)
-    ids = [prompt_ids(tokenizer, prompt, seq2seq) for prompt in prompts]
+    ids = [prompt_ids(tokenizer, prompt, seq2seq, raw) for prompt in prompts]  # a text or the turns so far
     if decodes_alone(module) is not None:
         news = _transformers_generate(task_model, ids, max_new_tokens, sample, temperature, top_p, seed)
         return [tokenizer.decode(new, skip_special_tokens=True).strip() for new in news]
-    from deltatune.decoding.loop import Decoder, Sampling, Sequence, decode
-    from deltatune.methods.prefix import prefix_of
-    from deltatune.methods.prompt import soft_tokens_of
+    from deltatune.decoding.loop import Decoder, decode
 
-    eos = tokenizer.eos_token_id
-    soft, prefix = soft_tokens_of(module), prefix_of(module)
-    seqs = [Sequence(ids=row, soft_tokens=soft, prefix=prefix, sampling=Sampling(
-        max_new_tokens=max_new_tokens, temperature=temperature if sample else 0.0, top_p=top_p if sample else 1.0,
-        top_k=50 if sample else 0, seed=seed + i, stop_ids=() if eos is None else (eos,)))
-        for i, row in enumerate(ids)]
+    seqs = [sequence(task_model, row, max_new_tokens, sample, temperature, top_p, seed + i)
+            for i, row in enumerate(ids)]
     with Decoder(task_model.backbone, head=module.get_output_embeddings()) as decoder:
         news = decode(decoder, seqs)
     return [tokenizer.decode(new, skip_special_tokens=True).strip() for new in news]
+
+
+def sequence(task_model: TaskModel, ids: list[int], max_new_tokens: int, sample: bool, temperature: float,
+             top_p: float, seed: int):
+    """A decode-loop `Sequence` for a prompt of this task model: its soft tokens / prefix, greedy or sampled
+    (top-k 50, as transformers), stopping at EOS."""
+    from deltatune.decoding.loop import Sampling, Sequence
+    from deltatune.methods.prefix import prefix_of
+    from deltatune.methods.prompt import soft_tokens_of
+
+    module, eos = task_model.module, task_model.tokenizer.eos_token_id
+    return Sequence(ids=ids, soft_tokens=soft_tokens_of(module), prefix=prefix_of(module), sampling=Sampling(
+        max_new_tokens=max_new_tokens, temperature=temperature if sample else 0.0, top_p=top_p if sample else 1.0,
+        top_k=50 if sample else 0, seed=seed, stop_ids=() if eos is None else (eos,)))
 
 
 def _transformers_generate(task_model: TaskModel, ids: list[list[int]], max_new_tokens: int, sample: bool,

@@ -32,8 +32,8 @@ from deltatune.errors import UserError
 
 MANIFEST = ".deltatune.json"
 MANIFEST_FORMAT = "deltatune.output"
-KINDS = {"delta": "delta", "peft": "peft export", "index": "index", "compare": "compare run",
-         "search": "search run", "intrinsic": "intrinsic run"}
+KINDS = {"delta": "delta", "peft": "peft export", "merged": "merged model export", "index": "index",
+         "compare": "compare run", "search": "search run", "intrinsic": "intrinsic run"}
 """Every kind of output folder deltatune writes, and how a message names it."""
 TEMP_SUFFIXES = (".tmp", ".old")
 TARGET_CHARS = 96

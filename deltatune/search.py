@@ -256,7 +256,7 @@ def search(*, budget: str = "0.5%", trials: int = 8, eta: int = 2, out: str = "r
     pristine = load_task_model(model, num_labels=len(task.label_names), device=pick_device(config.device),
                                seed=config.seed, pooling=pooling)
     pristine.label_names = list(task.label_names)
-    rows = {split: encode(pristine.tokenizer, getattr(task, split), config.max_length, split)
+    rows = {split: encode(pristine.tokenizer, getattr(task, split), config.length_for(task.kind), split)
             for split in ("train", "validation", "test")}
     steps_per_epoch = math.ceil(len(rows["train"]) / config.batch_size)
     lengths = [len(r.input_ids) for r in rows["train"]]

@@ -10,16 +10,7 @@ import torch
 
 from deltatune.config import TrainConfig
 from deltatune.data import Example, load_task
-from deltatune.errors import UserError
-from deltatune.loading import load_strategy
-from deltatune.methods import REGISTRY
-from deltatune.notune.chunking import Document, chunk_text
-from deltatune.notune.encoder import TextEncoder
-from deltatune.notune.index import VectorIndex, example_index
-from deltatune.notune.job import predict_with_strategy, strategy_metrics
-from deltatune.notune.prompts import PromptBuilder
-from deltatune.notune.scoring import LabelScorer, _row_contexts, calibrate, load_language_model
-from deltatune.notune.templates import (
+from deltatune.data.templates import (
     PromptArgs,
     PromptSpec,
     Template,
@@ -29,6 +20,15 @@ from deltatune.notune.templates import (
     prompt_options,
     prompt_spec,
 )
+from deltatune.errors import UserError
+from deltatune.loading import load_strategy
+from deltatune.methods import REGISTRY
+from deltatune.notune.chunking import Document, chunk_text
+from deltatune.notune.encoder import TextEncoder
+from deltatune.notune.index import VectorIndex, example_index
+from deltatune.notune.job import predict_with_strategy, strategy_metrics
+from deltatune.notune.prompts import PromptBuilder
+from deltatune.notune.scoring import LabelScorer, _row_contexts, calibrate, load_language_model
 from deltatune.workflow import TrainJob, run_train_job
 
 TOY_WORDS = "pos=good,neg=bad"
@@ -297,7 +297,7 @@ def test_verbalizer_head_is_the_lm_head_at_the_label_words(tiny_dir):
     from transformers import AutoModelForCausalLM
 
     from deltatune.backbone import load_task_model
-    from deltatune.notune.label_head import attach_label_head
+    from deltatune.label_head import attach_label_head
 
     tm = load_task_model(tiny_dir("gpt2"), num_labels=2, pooling="last")
     prompt = attach_label_head(tm, prompt_spec("toy", ["neg", "pos"], template=CUE_TEMPLATE,

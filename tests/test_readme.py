@@ -11,7 +11,7 @@ from test_cli import run
 
 README = Path(__file__).parents[1] / "README.md"
 RUNNABLE = {"train", "eval", "predict", "export", "import", "index"}
-SLOW_WORDS = {"smollm2", "chatterbot", "icl"}
+SLOW_WORDS = {"smollm2", "chatterbot", "icl", "runs/talk"}
 """Lines naming these need SmolLM2 or an LM: parsed, not run."""
 OPERATORS = {"&&", "||", "|", ";"}
 SMALL = {"--train-size": "48", "--val-size": "16", "--test-size": "16"}

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deltatune.data import builtin
-from deltatune.data.files import read_labelled_file, task_name_for_file
+from deltatune.data.chat import FORMATS, Message, conversation, detect_format, last_user
+from deltatune.data.files import labelled_rows, read_raw_rows, task_name_for_file
 from deltatune.data.split import split_indices, subsample_indices
 from deltatune.errors import UserError
 from deltatune.options import option
@@ -28,7 +29,16 @@ class Example:
     text: str
     label: int | None = None  # index into TaskData.label_names (classification)
     text_pair: str | None = None  # second text of a pair task, else None
-    target: str | None = None  # response text for generation tasks
+    target: str | None = None  # response text for generation tasks (the last assistant turn)
+    messages: tuple[Message, ...] | None = None  # a whole conversation (role, content), ending with the target
+    where: str = ""  # "line 4" of a user's file: named when the row is refused
+    group: str = ""  # a sub-task scored apart ("rotten-tomatoes/unseen phrasing" in the instruct task)
+
+    def turns(self) -> list[Message]:
+        """The conversation: `messages`, or one user turn (text) and its answer (target)."""
+        if self.messages is not None:
+            return list(self.messages)
+        return [("user", self.text), ("assistant", self.target or "")]
 
 
 @dataclass
@@ -40,12 +50,14 @@ class TaskData:
     validation: list[Example]
     test: list[Example]
     description: str = ""  # one sentence describing the task, used for prompts
+    source_format: str = ""  # a user file's format ("chat", "alpaca", ...), named in the summary
 
     def summary(self) -> str:
         """E.g. "rotten-tomatoes: 2 labels (fresh, rotten), train 2000 / val 500 / test 1000"."""
         sizes = f"train {len(self.train)} / val {len(self.validation)} / test {len(self.test)}"
+        shown_format = f" ({self.source_format} format)" if self.source_format else ""
         if self.kind == GENERATION:
-            return f"{self.name}: generation, {sizes}"
+            return f"{self.name}: generation{shown_format}, {sizes}"
         shown = ", ".join(self.label_names[:SUMMARY_MAX_LABELS])
         if len(self.label_names) > SUMMARY_MAX_LABELS:
             shown += f", ... {len(self.label_names) - SUMMARY_MAX_LABELS} more"
@@ -82,30 +94,60 @@ def load_chatterbot() -> tuple[list[Example], list[str], str, str]:
     return examples, [], GENERATION, description
 
 
+def load_instruct() -> tuple[list[Example], list[str], str, str]:
+    from deltatune.data.instruct import raw_examples
+
+    description = "Follow an instruction: classify a review or a news article, or reply in a conversation."
+    examples = [Example(text=text, target=target, group=group) for text, target, group in raw_examples()]
+    return examples, [], GENERATION, description
+
+
 BUILTIN_TASKS: dict[str, TaskLoader] = {
     "rotten-tomatoes": load_rotten_tomatoes,
     "bbc-news": load_bbc_news,
     "chatterbot": load_chatterbot,
+    "instruct": load_instruct,
 }
 
 
-def load_user_file(
-    data: str, text_column: str, text_pair_column: str | None, label_column: str
-) -> tuple[list[Example], list[str], str, str]:
-    rows = read_labelled_file(data, text_column, text_pair_column, label_column)
-    label_names = sorted({row.label for row in rows})
+def load_user_file(data: str, text_column: str, text_pair_column: str | None, label_column: str,
+                   fmt: str = "auto", task_type: str | None = None, prompt_column: str = "prompt",
+                   response_column: str = "response") -> tuple[list[Example], list[str], str, str, str]:
+    """(examples, label names, kind, description, format) of a user's file, its format read from the columns."""
+    path = Path(data)
+    columns, rows = read_raw_rows(path)
+    if not rows:
+        raise UserError(f"{path} has no data rows")
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, not '{fmt}'")
+    if fmt == "auto" and text_pair_column is not None:
+        fmt = "classification"
+    fmt = detect_format(path, columns, fmt, task_type, prompt_column, response_column, text_column, label_column)
+    if fmt != "classification":
+        if task_type == CLASSIFICATION:
+            raise UserError(f"{path}: --task-type classification does not fit --format {fmt}")
+        examples = []
+        for row in rows:
+            turns = conversation(fmt, row.values, f"{path}: {row.location}", prompt_column, response_column)
+            examples.append(Example(text=last_user(turns), target=turns[-1][1], messages=tuple(turns),
+                                    where=row.location))
+        return examples, [], GENERATION, "Reply as the assistant in the user's conversations.", fmt
+    if task_type == GENERATION:
+        raise UserError(f"{path}: --task-type generation needs a generation format, not --format classification")
+    labelled = labelled_rows(path, columns, rows, text_column, text_pair_column, label_column)
+    label_names = sorted({row.label for row in labelled})
     if len(label_names) < 2:
         raise UserError(
             f"{data}: classification needs at least 2 distinct labels in column '{label_column}', "
             f"found {len(label_names)}: {', '.join(label_names)}"
         )
     label_index = {name: index for index, name in enumerate(label_names)}
-    examples = [Example(text=row.text, label=label_index[row.label], text_pair=row.text_pair) for row in rows]
+    examples = [Example(text=row.text, label=label_index[row.label], text_pair=row.text_pair) for row in labelled]
     subject = "pair of texts" if text_pair_column is not None else "text"
     shown = ", ".join(label_names[:SUMMARY_MAX_LABELS]) + (
         ", ..." if len(label_names) > SUMMARY_MAX_LABELS else ""
     )
-    return examples, label_names, CLASSIFICATION, f"Classify each {subject} as one of: {shown}."
+    return examples, label_names, CLASSIFICATION, f"Classify each {subject} as one of: {shown}.", ""
 
 
 def check_requested_size(name: str, size: int | None) -> None:
@@ -113,10 +155,15 @@ def check_requested_size(name: str, size: int | None) -> None:
         raise UserError(f"{name} must be a positive integer, got {size!r}")
 
 
+def stratum(example: Example):
+    """What splits and subsamples keep in proportion: the label, or a generation example's group."""
+    return example.label if example.label is not None else example.group
+
+
 def take_subsample(examples: list[Example], size: int | None, seed: int, split_name: str) -> list[Example]:
     if size is None:
         return examples
-    chosen = subsample_indices([example.label for example in examples], size, seed, split_name)
+    chosen = subsample_indices([stratum(example) for example in examples], size, seed, split_name)
     return [examples[index] for index in chosen]
 
 
@@ -149,6 +196,10 @@ def load_task(
     text_column: str = "text",
     text_pair_column: str | None = None,
     label_column: str = "label",
+    fmt: str = "auto",
+    task_type: str | None = None,
+    prompt_column: str = "prompt",
+    response_column: str = "response",
     train_size: int | None = None,
     val_size: int | None = None,
     test_size: int | None = None,
@@ -165,14 +216,15 @@ def load_task(
         if name not in BUILTIN_TASKS:
             raise UserError(f"unknown task '{task}' (known tasks: {', '.join(BUILTIN_TASKS)})")
         examples, label_names, kind, description = BUILTIN_TASKS[name]()
+        source_format = ""
     else:
         assert data is not None
         name = task_name_for_file(Path(data))
-        examples, label_names, kind, description = load_user_file(
-            data, text_column, text_pair_column, label_column
+        examples, label_names, kind, description, source_format = load_user_file(
+            data, text_column, text_pair_column, label_column, fmt, task_type, prompt_column, response_column
         )
 
-    train_indices, validation_indices, test_indices = split_indices([example.label for example in examples])
+    train_indices, validation_indices, test_indices = split_indices([stratum(example) for example in examples])
     task_data = TaskData(
         name=name,
         kind=kind,
@@ -181,7 +233,13 @@ def load_task(
         validation=take_subsample([examples[i] for i in validation_indices], val_size, seed, "validation"),
         test=take_subsample([examples[i] for i in test_indices], test_size, seed, "test"),
         description=description,
+        source_format=source_format,
     )
+    if name == "instruct":  # the instructions, one phrasing per task held out of training
+        from deltatune.data.instruct import phrase
+
+        for split in ("train", "validation", "test"):
+            setattr(task_data, split, phrase(getattr(task_data, split), split))
     check_splits(task_data)
     return task_data
 
@@ -189,7 +247,7 @@ def load_task(
 @dataclass
 class TaskArgs:
     task: str | None = None
-    """Built-in task: rotten-tomatoes, bbc-news, chatterbot."""
+    """Built-in task: rotten-tomatoes, bbc-news, chatterbot, instruct (the first two as instructions + chatterbot)."""
     data: str | None = None
     """A CSV, TSV or JSONL file of your own (instead of --task)."""
     text_column: str = "text"
@@ -198,6 +256,15 @@ class TaskArgs:
     """Column holding the second text of a pair task (with --data)."""
     label_column: str = "label"
     """Column holding the label (with --data)."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt of a prompt/response generation file (with --data)."""
+    response_column: str = "response"
+    """Column holding the response of a prompt/response generation file (with --data)."""
+    format: str = option("auto", choices=FORMATS)
+    """Format of --data: auto (read from the columns), classification (text + label), prompt-response,
+    alpaca (instruction, input, output), chat (messages: [{role, content}]) or sharegpt (conversations)."""
+    task_type: str | None = option(None, choices=(CLASSIFICATION, GENERATION))
+    """Treat --data as a classification or a generation task (default: what its columns say)."""
     train_size: int | None = option(None, ge=1)
     """Subsample the training split to N examples (stratified)."""
     val_size: int | None = option(None, ge=1)
@@ -209,6 +276,8 @@ class TaskArgs:
         task = self.task if (self.task or self.data) else default_task
         return load_task(task, data=self.data, text_column=self.text_column,
                          text_pair_column=self.text_pair_column, label_column=self.label_column,
+                         fmt=self.format, task_type=self.task_type, prompt_column=self.prompt_column,
+                         response_column=self.response_column,
                          train_size=self.train_size, val_size=self.val_size, test_size=self.test_size,
                          seed=seed)
 

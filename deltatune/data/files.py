@@ -154,12 +154,18 @@ def read_labelled_file(
 ) -> list[LabelledRow]:
     """Read and validate every row of a labelled data file, in file order."""
     path = Path(path)
+    columns, rows = read_raw_rows(path)
+    return labelled_rows(path, columns, rows, text_column, text_pair_column, label_column)
+
+
+def labelled_rows(path: Path, columns: list[str], rows: list[RawRow], text_column: str,
+                  text_pair_column: str | None, label_column: str) -> list[LabelledRow]:
+    """Validate the rows of a classification file already read (`read_raw_rows`)."""
     flags = [("--text-column", text_column), ("--text-pair-column", text_pair_column), ("--label-column", label_column)]
     for i, (flag, column) in enumerate(flags):
         other = next((f for f, c in flags[i + 1:] if column is not None and c == column), None)
         if other:
             raise UserError(f"{flag} and {other} both name column '{column}': each role needs its own column")
-    columns, rows = read_raw_rows(path)
     if not rows:
         raise UserError(f"{path} has no data rows")
     requested = [("text", text_column), ("label", label_column)]

@@ -171,7 +171,8 @@ def pad_width(batch: dict, multiple: int, pad_id: int) -> dict:
     extra = -width % multiple
     if extra == 0:
         return batch
-    fills = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0, "labels": -100}
+    fills = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0, "labels": -100, "shift_labels": -100,
+             "position_ids": 0}  # packed rows: each padding position is a run of its own
     out = dict(batch)
     for key, fill in fills.items():
         value = batch.get(key)

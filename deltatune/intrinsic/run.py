@@ -120,7 +120,7 @@ def step_costs(model: str | None, dims: list[int], options: list[str], training:
     runs = [("full", {}, "full fine-tuning"), ("intrinsic", {**extra, "dim": dims[-1]}, f"intrinsic d={dims[-1]}")]
     costs = []
     for method, opts, label in runs:
-        row = measure_in_child(path, method, batch_size=training.batch_size, seq_len=min(training.max_length, 128),
+        row = measure_in_child(path, method, batch_size=training.batch_size, seq_len=min(training.length_for("classification"), 128),
                                steps=steps, threads=threads or 1, options=opts, label=label)
         if row.error is None:
             costs.append({"label": label, "seconds_per_step": row.seconds_per_step, "measured_mb": row.measured_mb,

@@ -14,7 +14,7 @@ from torch import nn
 
 from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
-from deltatune.methods.base import layer_of, layer_selection, train_head
+from deltatune.methods.base import already_merged, layer_of, layer_selection, train_head
 from deltatune.options import option
 
 NAME = "bitfit"
@@ -53,3 +53,6 @@ def apply(task_model: TaskModel, config: Config) -> None:
     for name in names:
         params[name].requires_grad_(True)
     train_head(task_model)
+
+
+merge = already_merged  # the trained biases are the model's own

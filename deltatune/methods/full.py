@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from deltatune.backbone import TaskModel
+from deltatune.methods.base import already_merged
 
 NAME = "full"
 DEFAULT_LR = 5e-5
@@ -22,3 +23,6 @@ class Config:
 
 def apply(task_model: TaskModel, config: Config) -> None:
     task_model.module.requires_grad_(True)
+
+
+merge = already_merged  # the trained weights are the model's own

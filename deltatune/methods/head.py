@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
-from deltatune.methods.base import train_head
+from deltatune.methods.base import already_merged, train_head
 from deltatune.options import option
 
 NAME = "head"
@@ -44,3 +44,6 @@ def apply(task_model: TaskModel, config: Config) -> None:
         layer.requires_grad_(True)
     if config.unfreeze_last and task_model.arch.final_norm:  # the norm after the last layer
         task_model.backbone.get_submodule(task_model.arch.final_norm).requires_grad_(True)
+
+
+merge = already_merged  # the head (and unfrozen layers) are the model's own tensors

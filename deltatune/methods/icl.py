@@ -68,4 +68,4 @@ def make_strategy(config: Config, context):
                            context.description if config.description else "", config.template,
                            config.verbalizer, context.pair)
     train = context.train
-    return ICL(lm, spec, config, train.eval_batch_size, train.precision, train.max_length, progress=train.progress)
+    return ICL(lm, spec, config, train.eval_batch_size, train.precision, train.length_for("classification"), progress=train.progress)
