@@ -56,24 +56,11 @@ def cpu_model() -> str:
 
 def make_deltas(root: Path) -> None:
     """8 random deltas (run under the OLD code: its format is the one both codes read)."""
-    import torch
-
-    from deltatune.backbone import load_task_model
-    from deltatune.delta import save_delta
-    from deltatune.methods import resolve_method
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from harness import random_generation_delta
 
     for i, kind in enumerate(KINDS):
-        torch.manual_seed(i)
-        method, config = resolve_method(kind, OPTIONS[kind])
-        tm = load_task_model(MODEL, 0, pooling="lm")
-        method.apply(tm, config)
-        with torch.no_grad():
-            for p in tm.module.parameters():
-                if p.requires_grad:
-                    p.add_(0.02 * torch.randn_like(p))
-        meta = {"task": {"name": f"{kind}{i}", "kind": "generation", "label_names": []},
-                "train_config": {"max_length": 256}, "metrics": {}, "head_names": tm.head_names}
-        save_delta(root / f"{kind}{i}", tm, method, config, meta)
+        random_generation_delta(MODEL, kind, OPTIONS[kind], f"{kind}{i}", i, root / f"{kind}{i}")
 
 
 def prompts(tokenizer) -> list[list[int]]:

@@ -65,3 +65,43 @@ def machine_note() -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
             f"load average at start {load:.2f}")
+
+
+def wait_for_server(command: list[str], env: dict, port: int, timeout_s: float = 300):
+    """Start `deltatune serve ...` as a child and return it once /healthz answers 200 on 127.0.0.1."""
+    import subprocess
+
+    import httpx
+
+    process = subprocess.Popen(command, env={**os.environ, **env})
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited with {process.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    process.kill()
+    raise SystemExit("server did not start")
+
+
+def random_generation_delta(model: str, kind: str, options: dict, name: str, seed: int, out) -> None:
+    """A generation delta of `kind` whose trainable tensors are moved off their start (speed benchmarks
+    need deltas that change the output, not trained ones), saved with this checkout's `save_delta`."""
+    from deltatune.backbone import load_task_model
+    from deltatune.delta import save_delta
+    from deltatune.methods import resolve_method
+
+    torch.manual_seed(seed)
+    method, config = resolve_method(kind, dict(options))
+    tm = load_task_model(model, 0, pooling="lm")
+    method.apply(tm, config)
+    with torch.no_grad():
+        for p in tm.module.parameters():
+            if p.requires_grad:
+                p.add_(0.02 * torch.randn_like(p))
+    meta = {"task": {"name": name, "kind": "generation", "label_names": []},
+            "train_config": {"max_length": 256}, "metrics": {}, "head_names": tm.head_names}
+    save_delta(out, tm, method, config, meta)

@@ -36,6 +36,7 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from decode_mixed import cpu_model  # noqa: E402
+from harness import random_generation_delta, wait_for_server  # noqa: E402
 
 MODEL = "smollm2"
 TOKEN = "bench-admin"
@@ -49,25 +50,11 @@ TEXT = ("The committee met on Tuesday to review the budget for the coming year, 
 
 
 def make_deltas(root: Path) -> None:
-    import torch
 
-    from deltatune.backbone import load_task_model
-    from deltatune.delta import save_delta
-    from deltatune.methods import resolve_method
     from deltatune.peft_format import export_peft
 
     for i, (name, (kind, options)) in enumerate(DELTAS.items()):
-        torch.manual_seed(i)
-        method, config = resolve_method(kind, dict(options))
-        tm = load_task_model(MODEL, 0, pooling="lm")
-        method.apply(tm, config)
-        with torch.no_grad():
-            for p in tm.module.parameters():
-                if p.requires_grad:
-                    p.add_(0.02 * torch.randn_like(p))
-        meta = {"task": {"name": name, "kind": "generation", "label_names": []},
-                "train_config": {"max_length": 256}, "metrics": {}, "head_names": tm.head_names}
-        save_delta(root / name, tm, method, config, meta)
+        random_generation_delta(MODEL, kind, options, name, i, root / name)
         if name in PEFT_KINDS:
             export_peft(root / name, root / f"peft-{name}")
 
@@ -81,18 +68,7 @@ def start_server(root: Path, port: int, args) -> subprocess.Popen:
     command = [sys.executable, "-m", "deltatune", "serve", "--registry", str(root / "registry"), "--port", str(port),
                "--model", MODEL, "--threads", str(args.threads), "--max-kv-tokens", str(args.kv_tokens),
                "--max-new-tokens", "64", "--timeout-seconds", "600"]
-    process = subprocess.Popen(command, env={**os.environ, "DELTATUNE_ADMIN_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1"})
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited with {process.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    process.kill()
-    raise SystemExit("server did not start")
+    return wait_for_server(command, {"DELTATUNE_ADMIN_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1"}, port)
 
 
 async def complete(client: httpx.AsyncClient, model: str, prompt: str, tokens: int, retry: bool = False) -> dict:

@@ -28,6 +28,7 @@ import httpx
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from harness import wait_for_server  # noqa: E402
 from serve_engine import make_deltas  # noqa: E402
 
 from deltatune.data import load_task  # noqa: E402
@@ -47,18 +48,7 @@ def start_server(registry: Path, port: int, args) -> subprocess.Popen:
     command = [sys.executable, "-m", "deltatune", "serve", "--registry", str(registry), "--port", str(port),
                "--model", "minilm", "--threads", str(args.threads), "--max-queue", str(args.max_queue),
                "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms)]
-    process = subprocess.Popen(command, env={**os.environ, "DELTATUNE_ADMIN_TOKEN": TOKEN})
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited with {process.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    process.kill()
-    raise SystemExit("server did not start")
+    return wait_for_server(command, {"DELTATUNE_ADMIN_TOKEN": TOKEN}, port)
 
 
 async def level(url: str, tasks: list[str], texts: list[str], concurrency: int, seconds: float,
