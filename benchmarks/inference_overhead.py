@@ -29,8 +29,8 @@ from deltatune.backbone import load_task_model  # noqa: E402
 from deltatune.batching import encode  # noqa: E402
 from deltatune.data import load_task  # noqa: E402
 from deltatune.delta import read_meta  # noqa: E402
-from deltatune.loading import load_delta  # noqa: E402
 from deltatune.evaluate import inference_overhead  # noqa: E402
+from deltatune.loading import load_delta  # noqa: E402
 
 
 def main() -> None:

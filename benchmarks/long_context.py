@@ -130,8 +130,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args.model, args.methods, lengths[0], args.steps, args.warmup)))
         return
-    from harness import machine_note
     from fast_step import matmul_peak  # noqa: E402
+    from harness import machine_note
 
     from deltatune.backbone import load_task_model
 

@@ -29,8 +29,8 @@ from deltatune.batching import Encoded, collate, eval_batches, train_batches
 from deltatune.caching import FrozenPrefixCache, frozen_prefix_depth
 from deltatune.checkpoint import Plan, Position
 from deltatune.config import TrainConfig
-from deltatune.estimate.budget import checkpointed_layers
 from deltatune.errors import UserError
+from deltatune.estimate.budget import checkpointed_layers
 from deltatune.evaluate import autocast_for, classification_metrics, evaluate, pooled_features, predict_logits
 from deltatune.fast import autocast_precision, training_forward
 from deltatune.fast.attention import pretrained

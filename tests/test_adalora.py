@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 from deltatune.backbone import load_task_model
 from deltatune.config import TrainConfig
 from deltatune.data import load_task
-from deltatune.loading import load_delta
 from deltatune.errors import UserError
+from deltatune.loading import load_delta
 from deltatune.methods import adalora, resolve_method
 from deltatune.workflow import TrainJob, run_train_job
 

@@ -9,10 +9,10 @@ import types
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 from torch import nn
 
-import tiny
 from deltatune.backbone import load_task_model
 from deltatune.batching import encode
 from deltatune.config import TrainConfig

@@ -11,8 +11,8 @@ from deltatune.batching import collate
 from deltatune.cli import main
 from deltatune.config import TrainConfig
 from deltatune.data import Example, TaskData
-from deltatune.loading import load_delta
 from deltatune.generation import IGNORE, answer_ids, encode_lm, evaluate_lm, generate_texts, prompt_ids
+from deltatune.loading import load_delta
 from deltatune.workflow import TrainJob, run_train_job
 
 PAIRS = [("hello how are you", "very good"), ("what is the movie", "a great film"),

@@ -7,7 +7,6 @@ from torch import nn
 
 from deltatune.backbone import ARCHITECTURES, TaskModel, load_task_model
 from deltatune.delta import read_meta, read_tensors, save_delta
-from deltatune.loading import load_delta
 from deltatune.errors import UserError
 from deltatune.intrinsic import said
 from deltatune.intrinsic.projection import (
@@ -17,6 +16,7 @@ from deltatune.intrinsic.projection import (
     make_projection,
 )
 from deltatune.intrinsic.run import find_d90, markdown, plot
+from deltatune.loading import load_delta
 from deltatune.methods import resolve_method
 from deltatune.methods.base import count_parameters
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 from safetensors.torch import load_file
 
-import tiny
 from deltatune.loading import load_delta
 
 LEGACY = Path(__file__).parent / "data" / "legacy"

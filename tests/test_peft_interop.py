@@ -18,8 +18,8 @@ from deltatune.backbone import load_task_model
 from deltatune.cli import main
 from deltatune.data import load_task
 from deltatune.delta import save_delta
-from deltatune.loading import load_delta
 from deltatune.errors import UserError
+from deltatune.loading import load_delta
 from deltatune.methods import resolve_method
 from deltatune.methods.base import linear_dims
 from deltatune.methods.lora import LoRALinear

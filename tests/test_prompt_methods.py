@@ -12,8 +12,8 @@ from deltatune.batching import collate, encode
 from deltatune.caching import frozen_prefix_depth
 from deltatune.data import Example
 from deltatune.delta import save_delta
-from deltatune.loading import load_delta
 from deltatune.errors import UserError
+from deltatune.loading import load_delta
 from deltatune.methods import prefix as prefix_method
 from deltatune.methods import resolve_method
 

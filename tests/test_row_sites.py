@@ -1,4 +1,4 @@
-"""Row sites (methods/base.py `RowSite`): the serve engine batches any method's modules per row through the
+"""Row sites (methods/rows.py `RowSite`): the serve engine batches any method's modules per row through the
 site's own math, found by the protocol; serve/ knows no method.
 
 A method defined only in this file (a learned shift of the FFN output projections) is served per row
@@ -20,15 +20,8 @@ from test_serve_engine import TEXTS, TOL, make_delta, reference_logits
 from torch import nn
 
 from deltatune.methods import REGISTRY, adalora, adapter, ia3, lora
-from deltatune.methods.base import (
-    AdaptedLayer,
-    Method,
-    Rows,
-    RowSite,
-    replace_module,
-    resolve_targets,
-    train_head,
-)
+from deltatune.methods.base import AdaptedLayer, Method, replace_module, resolve_targets, train_head
+from deltatune.methods.rows import Rows, RowSite
 from deltatune.serve.engine import Engine
 from deltatune.serve.routing import RowRouter
 

@@ -8,8 +8,8 @@ import torch
 
 from deltatune.backbone import load_task_model
 from deltatune.delta import save_delta
-from deltatune.loading import load_delta
 from deltatune.errors import UserError
+from deltatune.loading import load_delta
 from deltatune.methods import resolve_method, s4
 from deltatune.methods.base import count_parameters, layer_of
 from deltatune.search import parse_budget

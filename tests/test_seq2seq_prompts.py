@@ -13,9 +13,9 @@ from deltatune.backbone import load_task_model
 from deltatune.config import TrainConfig
 from deltatune.data import Example, TaskData, load_task
 from deltatune.delta import save_delta
-from deltatune.loading import load_delta
 from deltatune.errors import UserError
 from deltatune.generation import encode_lm, evaluate_lm, generate_texts, prompt_ids
+from deltatune.loading import load_delta
 from deltatune.methods import resolve_method
 from deltatune.workflow import TrainJob, run_train_job
 

@@ -51,8 +51,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from deltatune.errors import UserError
-from deltatune.estimate import LayerDelta, MethodPlan
-from deltatune.estimate import fastpath
+from deltatune.estimate import LayerDelta, MethodPlan, fastpath
 from deltatune.estimate.shapes import ModelShapes
 from deltatune.estimate.tape import ATTENTION_IMPLEMENTATIONS, LM_LOSSES, Act, RunSettings, Tape
 

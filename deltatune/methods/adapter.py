@@ -31,7 +31,8 @@ from torch import nn
 
 from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
-from deltatune.methods.base import Rows, layer_selection, replace_module, train_head
+from deltatune.methods.base import layer_selection, replace_module, train_head
+from deltatune.methods.rows import Rows
 from deltatune.options import option
 
 NAME = "adapter"

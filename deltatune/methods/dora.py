@@ -25,8 +25,9 @@ from torch import nn
 
 from deltatune.backbone import TaskModel
 from deltatune.methods import lora as lora_method
-from deltatune.methods.base import Rows, unwrap_layers
+from deltatune.methods.base import unwrap_layers
 from deltatune.methods.lora import ADAPTER, Config, LoRALinear, adapt, dense_weight, lora_update, sized
+from deltatune.methods.rows import Rows
 
 NAME = "dora"
 DEFAULT_LR = lora_method.DEFAULT_LR

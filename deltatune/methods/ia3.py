@@ -27,13 +27,13 @@ from deltatune.errors import UserError
 from deltatune.methods.base import (
     ROLE_NAMES,
     AdaptedLayer,
-    Rows,
     linear_dims,
     replace_module,
     resolve_targets,
     train_head,
     unwrap_layers,
 )
+from deltatune.methods.rows import Rows
 
 NAME = "ia3"
 DEFAULT_LR = 1e-2  # vectors around 1 take large steps (rotten-tomatoes, 1k, 2 epochs: 0.742 vs 0.704 at 3e-3)

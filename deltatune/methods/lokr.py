@@ -25,9 +25,10 @@ from torch import nn
 
 from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
-from deltatune.methods.base import AdaptedLayer, Rows, unwrap_layers
+from deltatune.methods.base import AdaptedLayer, unwrap_layers
 from deltatune.methods.loha import add_factors
 from deltatune.methods.lora import Placement, adapt
+from deltatune.methods.rows import Rows
 from deltatune.options import option
 
 NAME = "lokr"

@@ -45,7 +45,6 @@ from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
 from deltatune.methods.base import (
     AdaptedLayer,
-    Rows,
     decay_groups,
     layer_of,
     layer_selection,
@@ -55,6 +54,7 @@ from deltatune.methods.base import (
     trainable_state,
     unwrap_layers,
 )
+from deltatune.methods.rows import Rows
 from deltatune.options import option
 
 NAME = "lora"

@@ -1,7 +1,7 @@
 """Per-row deltas: one pass of the frozen backbone in which every row carries its own task's delta.
 
 The engine keeps a *mixed* copy of the backbone's module tree (sharing every weight) and puts a row
-router wherever a served task's method put a row site (`methods.base.RowSite`: LoRA, AdaLoRA, IA³,
+router wherever a served task's method put a row site (`methods.rows.RowSite`: LoRA, AdaLoRA, IA³,
 adapters, or any method's module that offers the protocol). Before a batch runs, each router is told
 which task each row belongs to and gathers that task's tensors per row; rows whose task has nothing
 there pass through. The math is the site's own (`row_forward` in its method file); here is only what is
@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.methods.base import Method, Rows, RowSite
+from deltatune.methods.base import Method
+from deltatune.methods.rows import Rows, RowSite
 
 
 def structural_clone(module: nn.Module) -> nn.Module:

@@ -24,9 +24,9 @@ from deltatune.backbone import ArchSpec, PooledClassifier, TaskModel
 from deltatune.delta import apply_delta, delta_size_bytes
 from deltatune.errors import UserError
 from deltatune.methods import resolve_method
-from deltatune.methods.base import RowSite
 from deltatune.methods.prefix import prefix_of
 from deltatune.methods.prompt import soft_tokens_of
+from deltatune.methods.rows import RowSite
 from deltatune.serve.routing import find_sites, structural_clone, unexplained
 
 SHARED, OWN = "shared", "own"
