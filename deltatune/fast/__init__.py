@@ -37,7 +37,7 @@ from deltatune.errors import UserError
 from deltatune.evaluate import forward_batch
 from deltatune.fast import attention as attention_impl
 from deltatune.fast.fused import fuse_qkv, unfuse
-from deltatune.fast.lm_loss import defer_lm_head, with_deferred_head
+from deltatune.fast.lm_loss import deferrable_head, with_deferred_head
 from deltatune.fast.precision import PRECISIONS, resolve_precision, to_bf16_compute
 
 DEFAULT_DROPOUT = 0.0
@@ -128,11 +128,8 @@ def prepare(task_model: TaskModel, precision: str = "auto", attention: str = "au
     info.attention, previous = attention_impl.set_attention(task_model.module,
                                                             attention_impl.resolve(attention, device))
     info._undo.append(lambda: attention_impl.reset_attention(task_model.module, previous))
-    if task_model.pooling == "lm" and attention != "model":
-        undo = defer_lm_head(task_model.module)  # applies to this model? (toggled per training call)
-        if undo is not None:
-            undo()
-            info.lm_loss = "chunked"
+    if task_model.pooling == "lm" and attention != "model" and deferrable_head(task_model.module) is not None:
+        info.lm_loss = "chunked"  # the head is deferred per training call (training_forward)
     task_model.module.fast_path = info
     return info
 

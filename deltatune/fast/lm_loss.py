@@ -84,6 +84,16 @@ def chunked_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Te
     return _ChunkedCrossEntropy.apply(h, weight, bias, targets, chunk)
 
 
+def deferrable_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The causal LM's `lm_head` when its forward computes the loss through transformers' `loss_function`
+    over that head (so `defer_lm_head` applies), else None (encoder-decoders, custom heads)."""
+    head = getattr(model, "lm_head", None)
+    if head is None or getattr(model.config, "is_encoder_decoder", False) or head is not model.get_output_embeddings() \
+            or not hasattr(type(model), "loss_function"):
+        return None
+    return head
+
+
 def defer_lm_head(model: torch.nn.Module):
     """Make a causal LM's forward return its last hidden states as `logits` and compute `loss` with the
     chunked head above; returns the undo function, or None when the model does not compute its loss
@@ -91,9 +101,8 @@ def defer_lm_head(model: torch.nn.Module):
 
     Nothing is renamed: `lm_head` keeps its parameters (tied or not, trained or frozen), only its forward
     is bypassed for the duration, so deltas and peft exports are unchanged."""
-    head = getattr(model, "lm_head", None)
-    if head is None or getattr(model.config, "is_encoder_decoder", False) or head is not model.get_output_embeddings() \
-            or not hasattr(type(model), "loss_function"):
+    head = deferrable_head(model)
+    if head is None:
         return None
 
     def loss(logits, labels, vocab_size=None, num_items_in_batch=None, shift_labels=None, **kwargs):
