@@ -26,13 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from harness import cpu_model
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -42,21 +43,10 @@ OPTIONS = {"lora": {"r": 8}, "prompt": {"num_virtual_tokens": 20, "init": "rando
 MODEL = "smollm2"
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 # ---- child side --------------------------------------------------------------------------------------
 
 def make_deltas(root: Path) -> None:
     """8 random deltas (run under the OLD code: its format is the one both codes read)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from harness import random_generation_delta
 
     for i, kind in enumerate(KINDS):

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -59,6 +60,19 @@ def measure_memory_here(build: Callable[[], StepFn], steps: int = 3) -> dict:
             step()
     return {"peak_mb": peak.peak_mb, "increase_mb": peak.peak_mb - baseline,
             "cuda_peak_mb": peak.cuda_peak_mb}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (speed figures are recorded with the chip they ran on)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def machine_note() -> str:

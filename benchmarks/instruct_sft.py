@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from packing import cpu_model  # noqa: E402  (benchmarks/packing.py)
+from harness import cpu_model  # noqa: E402
 
 from deltatune.backbone import load_task_model, resolve_model_path  # noqa: E402
 from deltatune.config import TrainConfig  # noqa: E402

@@ -131,13 +131,13 @@ def main() -> None:
         print(json.dumps(child(args.child, args.model, args.methods, lengths[0], args.steps, args.warmup)))
         return
     from fast_step import matmul_peak  # noqa: E402
-    from harness import machine_note
+    from harness import cpu_model, machine_note
 
     from deltatune.backbone import load_task_model
 
     hidden = load_task_model(args.model, num_labels=0, pooling="lm").module.config.hidden_size
     peaks = {d: matmul_peak(getattr(torch, d), hidden) for d in ("float32", "bfloat16")}
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    cpu = cpu_model()
     print(f"# {cpu}; {machine_note()}; matmul peak fp32 {peaks['float32']:.0f}, bf16 {peaks['bfloat16']:.0f} GFLOP/s")
     rows = []
     print(f"{'method':<6} {'length':>6} {'deltatune MB':>12} {'peer MB':>8} {'mem ratio':>9} "

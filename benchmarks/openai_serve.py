@@ -35,8 +35,7 @@ import httpx
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from decode_mixed import cpu_model  # noqa: E402
-from harness import random_generation_delta, wait_for_server  # noqa: E402
+from harness import cpu_model, random_generation_delta, wait_for_server  # noqa: E402
 
 MODEL = "smollm2"
 TOKEN = "bench-admin"

@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
+from harness import cpu_model  # noqa: E402
 
 from deltatune.backbone import load_task_model, resolve_model_path
 from deltatune.batching import collate, train_batches
@@ -30,13 +30,6 @@ from deltatune.generation import encode_lm
 from deltatune.methods import resolve_method
 from deltatune.packing import pack_rows, packed_batch_size
 from deltatune.train import labelled_count
-
-
-def cpu_model() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main() -> None:
