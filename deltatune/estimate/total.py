@@ -3,7 +3,7 @@
     total = weights + gradients + optimizer + activations + overhead          (GiB, printed "GB")
 
 The seed model adds every line as if all were alive at once. The detailed model gives what is alive at the
-step's peak (`detailed.step_peak`): the gradients and saved activations of that moment, the transients
+step's peak (`peak.step_peak`): the gradients and saved activations of that moment, the transients
 beside them in the overhead, and names the phase (forward, backward, optimizer step).
 
 `estimate_for_model` returns one `MemoryEstimate` per method, for the `estimate` command (`cli`) and for
@@ -34,7 +34,8 @@ from deltatune.estimate import (
     precision_for,
     quantized_matrix_params,
 )
-from deltatune.estimate.detailed import ActivationReport, RunSettings, StepPeak, activation_report, step_peak
+from deltatune.estimate.detailed import ActivationReport, RunSettings, activation_report
+from deltatune.estimate.peak import StepPeak, step_peak
 from deltatune.estimate.seed import (
     SEED_CUDA_CONTEXT_BYTES,
     optimizer_state_bytes,
