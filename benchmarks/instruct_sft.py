@@ -7,7 +7,7 @@ conversations with the loss on the answers only: deltatune through `run`'s train
 --packing; trl with `packing=True` (its best-fit-decreasing packing, padding-free) on prompt/completion
 rows, whose loss covers the completion only. Reported: wall time of training, real (non-pad) tokens
 per second, and both final validation losses computed the same way (deltatune's `evaluate_lm`: the mean
-over answer tokens, on the same encoded rows). Needs the `bench` extra (trl).
+over answer tokens, on the same encoded rows). Needs the `bench` extra: `.venv/bin/pip install -e ".[bench]"` (trl).
 """
 
 from __future__ import annotations
