@@ -13,7 +13,11 @@ FFN's shape), and each variant's executed FLOPs per step are counted (torch Flop
 the table shows the share of the bf16 peak each variant reaches.
 
     .venv/bin/python benchmarks/fast_step.py --model minilm [--methods lora,prompt] [--threads 2]
-        [--rounds 3] [--memory lora] [--compile]
+        [--rounds 3] [--memory lora] [--compile] [--together --relative-to lora]
+
+    # #20: DoRA, VeRA, LoHa, LoKr against LoRA, deltatune's and peft's, all interleaved in one set
+    .venv/bin/python benchmarks/fast_step.py --methods lora,dora,vera,loha,lokr --together --relative-to lora \
+        --memory lora,dora,vera,loha,lokr --threads 1
 """
 
 from __future__ import annotations
@@ -97,8 +101,20 @@ def peer_model(model: str, method_name: str):
         "ia3": lambda: peft.IA3Config(task_type="SEQ_CLS"),
         "adalora": lambda: peft.AdaLoraConfig(task_type="SEQ_CLS", total_step=1000),  # peft requires total_step
         "ptuning": lambda: peft.PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=20),
+        # the LoRA variants (#20): peft's defaults, on the layers peft's LoRA picks by default (q, v)
+        "dora": lambda: peft.LoraConfig(task_type="SEQ_CLS", use_dora=True),
+        "vera": lambda: peft.VeraConfig(task_type="SEQ_CLS"),
+        "loha": lambda: peft.LoHaConfig(task_type="SEQ_CLS", target_modules=peft_default_targets(base)),
+        "lokr": lambda: peft.LoKrConfig(task_type="SEQ_CLS", target_modules=peft_default_targets(base)),
     }
     return peft.get_peft_model(base, configs[method_name]()), pad_id
+
+
+def peft_default_targets(base) -> list[str]:
+    """The module names peft's LoRA adapts by default for this architecture (LoHa/LoKr have no default)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    return list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[base.config.model_type])
 
 
 def peer_builder(model: str, method_name: str, precision: str):
@@ -145,6 +161,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--memory", default="lora", help="methods whose peak memory is measured (child processes)")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--together", action="store_true", help="interleave every method's variants in one set")
+    parser.add_argument("--relative-to", help="also print each method's step time against this method's")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--memory-child")
     args = parser.parse_args()
@@ -160,25 +178,40 @@ def main() -> None:
     print("| variant | step ms | tokens/s | GFLOP/step | % bf16 peak | vs peer | vs peer+amp | peak RSS MB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
-    for method_name in args.methods.split(","):
-        variants = builders(args.model, method_name, args.compile)
-        memory = {}
-        if method_name in args.memory.split(","):
+    methods = args.methods.split(",")
+    all_variants = {name: (m, build) for m in methods for name, build in builders(args.model, m, args.compile).items()}
+    memory = {}
+    for name in all_variants:
+        if name.split()[0] in args.memory.split(","):
             extra = ["--model", args.model, "--threads", str(args.threads)] + (["--compile"] if args.compile else [])
-            memory = {name: memory_in_child(__file__, name, extra) for name in variants}
-        flops = {name: step_flops(build()) for name, build in variants.items()}
-        seconds = time_interleaved(variants, rounds=args.rounds, steps=args.steps, warmup=1)
+            memory[name] = memory_in_child(__file__, name, extra)
+    flops = {name: step_flops(build()) for name, (_, build) in all_variants.items()}
+    if args.together:  # every method's variants in one round-robin: ratios across methods are fair too
+        seconds = time_interleaved({n: b for n, (_, b) in all_variants.items()}, rounds=args.rounds,
+                                   steps=args.steps, warmup=1)
+    else:
+        seconds = {}
+        for m in methods:
+            seconds.update(time_interleaved({n: b for n, (mm, b) in all_variants.items() if mm == m},
+                                            rounds=args.rounds, steps=args.steps, warmup=1))
+    for name, (method_name, _) in all_variants.items():
+        s = seconds[name]
         peer, amp = seconds[f"{method_name} peer"], seconds[f"{method_name} peer+amp"]
-        for name, s in seconds.items():
-            mem = memory.get(name, {})
-            row = {"variant": name, "step_s": s, "tokens_per_s": BATCH * SEQ / s, "gflop": flops[name] / 1e9,
-                   "bf16_peak_pct": 100 * flops[name] / s / 1e9 / peaks["bf16"], "vs_peer": peer / s,
-                   "vs_peer_amp": amp / s, "peak_increase_mb": mem.get("increase_mb")}
-            rows.append(row)
-            mem_text = f"+{mem['increase_mb']:.0f}" if "increase_mb" in mem else mem.get("error", "–")
-            print(f"| {name} | {1000 * s:.0f} | {row['tokens_per_s']:,.0f} | {row['gflop']:.0f} | "
-                  f"{row['bf16_peak_pct']:.0f}% | {row['vs_peer']:.2f}x | {row['vs_peer_amp']:.2f}x | {mem_text} |",
-                  flush=True)
+        mem = memory.get(name, {})
+        row = {"variant": name, "step_s": s, "tokens_per_s": BATCH * SEQ / s, "gflop": flops[name] / 1e9,
+               "bf16_peak_pct": 100 * flops[name] / s / 1e9 / peaks["bf16"], "vs_peer": peer / s,
+               "vs_peer_amp": amp / s, "peak_increase_mb": mem.get("increase_mb")}
+        rows.append(row)
+        mem_text = f"+{mem['increase_mb']:.0f}" if "increase_mb" in mem else mem.get("error", "–")
+        print(f"| {name} | {1000 * s:.0f} | {row['tokens_per_s']:,.0f} | {row['gflop']:.0f} | "
+              f"{row['bf16_peak_pct']:.0f}% | {row['vs_peer']:.2f}x | {row['vs_peer_amp']:.2f}x | {mem_text} |",
+              flush=True)
+    if args.relative_to:  # e.g. --relative-to lora: each method's step against that method's, per variant kind
+        base = args.relative_to
+        print(f"\n| step time against {base} | deltatune | peer | peer+amp |\n|---|---:|---:|---:|")
+        for m in methods:
+            cells = [seconds[f"{m} {kind}"] / seconds[f"{base} {kind}"] for kind in ("deltatune", "peer", "peer+amp")]
+            print(f"| {m} | " + " | ".join(f"{c:.2f}x" for c in cells) + " |")
     peaks_end = {"fp32": matmul_peak(torch.float32, hidden), "bf16": matmul_peak(torch.bfloat16, hidden)}
     print(f"\nmatmul peak at the end: fp32 {peaks_end['fp32']:.0f} / bf16 {peaks_end['bf16']:.0f} GFLOP/s; "
           f"load average {os.getloadavg()[0]:.2f}")

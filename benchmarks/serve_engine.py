@@ -1,6 +1,7 @@
 """Serving throughput: mixed-task batches vs one task alone, vs each task's rows as separate batches, vs peft.
 
     .venv/bin/python benchmarks/serve_engine.py [--tasks 1,4,16,64] [--kinds lora,prompt,mix]
+    .venv/bin/python benchmarks/serve_engine.py --tasks 16 --kinds mix --mix lora,prompt,ia3,adapter,prefix,head,dora,vera
                                                 [--batch-size 64] [--threads 1] [--rounds 5]
 
 Backbone all-MiniLM-L6-v2 on the CPU; deltas are random (every trained tensor perturbed): LoRA (r=8 on
@@ -48,7 +49,7 @@ from deltatune.methods import resolve_method  # noqa: E402
 from deltatune.serve.engine import Engine  # noqa: E402
 
 MIX = ["lora", "prompt", "ia3", "adapter", "prefix", "head"]
-OPTIONS = {"lora": {"r": 8, "target_modules": "query,value"}, "prompt": {"num_virtual_tokens": 20, "init": "random"},
+OPTIONS = {"lora": {"r": 8, "target_modules": "query,value"}, "dora": {"r": 8, "target_modules": "query,value"}, "prompt": {"num_virtual_tokens": 20, "init": "random"},
            "prefix": {"num_virtual_tokens": 20, "init": "random"}}
 MAX_LENGTH = 128
 
@@ -162,6 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tasks", default="1,4,16,64")
     parser.add_argument("--kinds", default="lora,prompt,mix")
+    parser.add_argument("--mix", default=",".join(MIX), help="the kinds of a `mix`, in turn (#20 adds dora,vera)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
@@ -178,7 +180,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.kinds.split(","):
-            methods = [kind if kind != "mix" else MIX[i % len(MIX)] for i in range(max(counts))]
+            mix = args.mix.split(",")
+            methods = [kind if kind != "mix" else mix[i % len(mix)] for i in range(max(counts))]
             paths = make_deltas(Path(tmp) / kind, methods)
             engine = Engine("minilm", device="cpu")
             for count in counts:

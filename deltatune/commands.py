@@ -115,7 +115,8 @@ def evaluate(delta: str, *, data: TaskArgs, split: str = "test", model: str | No
         precision: fp32 or bf16.
         device: auto, cpu or cuda.
         progress: Show a progress bar (on stderr).
-        json_: Print the metrics as JSON.        quantize: Backbone storage: as the delta was trained (default), none (full precision), or nf4, fp4, int8, 3bit, 2bit.
+        json_: Print the metrics as JSON.
+        quantize: Backbone storage: as the delta was trained (default), none (full precision), or nf4, fp4, int8, 3bit, 2bit.
     """
     from deltatune.backbone import pick_device
     from deltatune.batching import encode
@@ -168,7 +169,8 @@ def predict(delta: str, texts: list[str] = (), *, file: str | None = None, model
         model: Backbone folder, if not the one recorded in the delta.
         batch_size: Batch size.
         device: auto, cpu or cuda.
-        json_: Print a JSON list of {text, label, probabilities}.        quantize: Backbone storage: as the delta was trained (default), none (full precision), or nf4, fp4, int8, 3bit, 2bit.
+        json_: Print a JSON list of {text, label, probabilities}.
+        quantize: Backbone storage: as the delta was trained (default), none (full precision), or nf4, fp4, int8, 3bit, 2bit.
     """
     from deltatune.backbone import pick_device
     from deltatune.data.files import read_text
