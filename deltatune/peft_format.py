@@ -5,7 +5,8 @@
 
 Tensor names carry peft's `base_model.model.` prefix; the trained head (and any weight newly
 initialised at load) goes into `modules_to_save`, so `PeftModel.from_pretrained` restores it.
-Each method with a peft counterpart provides `PEFT_TYPE` and two converters:
+Each method with a peft counterpart provides `PEFT_TYPE` and two converters (and, when methods share a
+peft type, `reads_peft(adapter_config)` to say which adapters are its own):
 
     to_peft(config, tensors) -> (adapter_config fields, peft tensors)
     from_peft(adapter_config, tensors) -> (Config or dict of options, deltatune tensors)
@@ -120,12 +121,17 @@ def own_name(peft_type: str, key: str) -> str:
     return key.removeprefix("base_model." if peft_type in PROMPT_LEARNING else PREFIX)
 
 
-def method_for_peft_type(peft_type: str) -> Method:
-    """The registered method whose PEFT_TYPE is peft_type and that can read it (has from_peft)."""
-    readers = {m.PEFT_TYPE: m for m in REGISTRY.values() if m.PEFT_TYPE and m.from_peft is not None}
-    if peft_type not in readers:
-        raise UserError(f"cannot import peft type '{peft_type}': supported: {', '.join(sorted(readers))}")
-    return readers[peft_type]
+def method_for_peft(adapter_config: dict) -> Method:
+    """The registered method that reads this adapter (`reads_peft`: by peft_type, and by the config's own
+    fields where methods share a type: LoRA and DoRA are both "LORA", DoRA with use_dora)."""
+    readers = [m for m in REGISTRY.values() if m.from_peft is not None and m.reads_peft(adapter_config)]
+    if len(readers) > 1:
+        raise TypeError(f"methods {', '.join(m.NAME for m in readers)} all claim this peft adapter")
+    if not readers:
+        supported = sorted({m.PEFT_TYPE for m in REGISTRY.values() if m.PEFT_TYPE and m.from_peft is not None})
+        raise UserError(f"cannot import peft type '{adapter_config.get('peft_type', '')}': "
+                        f"supported: {', '.join(supported)}")
+    return readers[0]
 
 
 def read_peft_dir(peft_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -183,12 +189,15 @@ def _label_names(peft_dir: Path, labels: str | None, head: dict[str, torch.Tenso
 
 
 def import_peft(peft_dir: str | Path, out: str | Path, model: str | None = None,
-                labels: str | None = None) -> Path:
-    """Write a deltatune delta with the same outputs as a peft adapter directory."""
+                labels: str | None = None, quantize: str | None = None) -> Path:
+    """Write a deltatune delta with the same outputs as a peft adapter directory. `quantize` (nf4, fp4, int8,
+    ...): the adapter was trained on a quantised base (QLoRA: transformers' BitsAndBytesConfig at load
+    time, which neither adapter_config.json nor the base's own config.json records), so the delta is
+    applied to, and records, that quantised backbone and its fingerprint (`quantize.check_delta`)."""
     folder = Path(peft_dir)
     adapter_config, tensors = read_peft_dir(folder)
     peft_type = str(adapter_config.get("peft_type", ""))
-    method = method_for_peft_type(peft_type)
+    method = method_for_peft(adapter_config)
     task_type = adapter_config.get("task_type")
     if task_type not in POOLING_FOR_TASK_TYPE:
         raise UserError(f"cannot import a peft adapter of task_type '{task_type}' (a classifier or a language "
@@ -206,12 +215,13 @@ def import_peft(peft_dir: str | Path, out: str | Path, model: str | None = None,
         model_path = resolve_model_path(base)
     except UserError as exc:
         raise UserError(f"{exc} (the adapter's base model; pass --model PATH)") from exc
-    task_model = load_task_model(model_path, num_labels=len(label_names), pooling=pooling)
+    task_model = load_task_model(model_path, num_labels=len(label_names), pooling=pooling, quantize=quantize)
     # weights the adapter does not carry (e.g. no head saved) keep their seeded initial values
     current = task_model.module.state_dict()
     all_tensors = {**{n: current[n].clone() for n in task_model.head_names}, **head, **converted}
     meta = {"method": method.NAME, "method_config": config_dict(config),
-            "backbone": {"fingerprint": task_model.fingerprint, "path": task_model.model_path}}
+            "backbone": {"fingerprint": task_model.fingerprint, "path": task_model.model_path,
+                         "quantization": task_model.quantization}}
     apply_delta(task_model, meta, all_tensors, method, config)
     kind = CLASSIFICATION if pooling == "hf" else GENERATION
     return save_delta(out, task_model, method, config, {

@@ -218,11 +218,13 @@ def test_bert_layer_matches_korthikanti_formula():
 
 # --- the detailed model against what autograd really saves ---------------------------------------------------
 
-def measured_saved_bytes(model, batch) -> float:
-    """Unique storages saved for backward (parameters excluded); the logits leave with the dropped output."""
+def measured_saved_bytes(model, batch, buffers_too: bool = False) -> float:
+    """Unique storages saved for backward (parameters excluded, and buffers: VeRA's shared A, B); the logits
+    leave with the dropped output."""
     import torch
 
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    parameters = {p.untyped_storage().data_ptr()
+                  for p in [*model.parameters(), *(model.buffers() if buffers_too else ())]}
     saved: dict[int, int] = {}
 
     def pack(tensor):
@@ -361,8 +363,8 @@ def test_cli_method_is_repeatable_and_comma_separated(capsys):
         cli_methods(capsys, "--method", "all", "--method", "lora")
     assert info.value.code == 2 and "give it alone" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cli_methods(capsys, "--method", "lora", "--method", "dora")
-    assert "unknown method 'dora'" in capsys.readouterr().err
+        cli_methods(capsys, "--method", "lora", "--method", "boft")
+    assert "unknown method 'boft'" in capsys.readouterr().err
 
 
 def test_cli_table_and_hardware_table(capsys):
@@ -395,7 +397,7 @@ def test_cli_task_flag(capsys):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(model="no-such-model"), "llama-2-7b"), (dict(model="/nonexistent/config.json"), "unknown model"),
-    (dict(method="lora,dora"), "dora"), (dict(dtype="fp8"), "dtype"), (dict(optimizer="lion"), "optimizer"),
+    (dict(method="lora,boft"), "boft"), (dict(dtype="fp8"), "dtype"), (dict(optimizer="lion"), "optimizer"),
     (dict(model="llama-2-7b", method="full", dtype="4bit"), "full fine-tuning"),
     (dict(model="llama-2-7b", method="bitfit"), "bias"), (dict(batch_size=0), "batch_size"),
     (dict(activations="exact"), "activations"), (dict(method="prompt", num_virtual_tokens=0), "num_virtual_tokens"),

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from peft import LoHaConfig, LoKrConfig, PeftModel, VeraConfig, get_peft_model
+from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftModel, VeraConfig, get_peft_model
 from torch import nn
 from transformers import AutoModelForSequenceClassification
 
@@ -293,3 +293,84 @@ def test_dora_and_pissa_read_a_quantised_weight_dequantised(tiny_dir, variant):
     tm.module.train()
     tm.module(**inputs, labels=torch.tensor([0, 1, 2, 0])).loss.backward()
     assert all(p.grad is not None for n, p in tm.module.named_parameters() if p.requires_grad and "lora_" in n)
+
+
+# peft LoRA with DoRA, rsLoRA, PiSSA, OLoRA: imported as `dora` (use_dora) or `lora`, with the options kept
+PEFT_LORA = {"dora": {"use_dora": True}, "dora_rslora": {"use_dora": True, "use_rslora": True},
+             "rslora": {"use_rslora": True}, "pissa": {"init_lora_weights": "pissa"},
+             "olora": {"init_lora_weights": "olora", "use_rslora": True},
+             "dora_pissa": {"use_dora": True, "init_lora_weights": "pissa"}}
+PEFT_LORA_CASES = [("bert", c) for c in PEFT_LORA] + [("llama", "dora"), ("llama", "pissa"), ("gpt2", "dora")]
+
+
+def import_and_compare(tmp_path, path: str, peft_dir, inputs: dict, expected: torch.Tensor) -> dict:
+    import_peft(peft_dir, tmp_path / "imported", model=path, labels=None if expected.ndim == 3 else "a,b,c")
+    loaded = load_delta(tmp_path / "imported")
+    assert (logits(loaded.task_model.module, inputs) - expected).abs().max() <= TOL
+    return loaded.meta
+
+
+@pytest.mark.parametrize("kind,case", PEFT_LORA_CASES)
+def test_import_of_peft_lora_options_gives_the_same_logits(tiny_dir, tmp_path, kind, case):
+    """pissa / olora saved as peft saves them by default (A, B only; peft's base was W0 − s·B0A0): imported
+    against the original base, as PeftModel.from_pretrained loads them."""
+    path = tiny_dir(kind)
+    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3)
+    targets = PEFT_TARGETS.get(kind, ["c_attn"])
+    peft_model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=targets,
+                                                 **PEFT_LORA[case]))
+    randomise(peft_model, std=0.1)
+    inputs = dict(load_task_model(path, num_labels=3).tokenizer(TEXTS, padding=True, return_tensors="pt"))
+    expected = logits(peft_model, inputs)
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    meta = import_and_compare(tmp_path, path, tmp_path / "peft", inputs, expected)
+    options = PEFT_LORA[case]
+    assert meta["method"] == ("dora" if options.get("use_dora") else "lora")
+    assert meta["method_config"]["scaling"] == ("rslora" if options.get("use_rslora") else "default")
+    assert meta["method_config"]["init"] == options.get("init_lora_weights", "default")
+
+
+def test_import_of_a_converted_peft_pissa_adapter_is_plain_lora(tiny_dir, tmp_path):
+    """save_pretrained(path_initial_model_for_weight_conversion=...): rank 2r, [A; A0], [B, −B0]. A causal LM
+    (peft's conversion drops a classifier's modules_to_save tensors) on deltatune's load, whose lm_head (not
+    in the tiny folder) is seeded as the import's is."""
+    path = tiny_dir("llama")
+    peft_model = get_peft_model(load_task_model(path, num_labels=0, pooling="lm").module, LoraConfig(
+        task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights="pissa",
+        use_rslora=True))
+    peft_model.peft_config["default"].init_lora_weights = True  # peft's recipe for the initial adapter
+    peft_model.save_pretrained(str(tmp_path / "init"))
+    randomise(peft_model, std=0.1)
+    inputs = dict(load_task_model(path, num_labels=3).tokenizer(TEXTS, padding=True, return_tensors="pt"))
+    expected = logits(peft_model, inputs)  # (B, T, vocab)
+    peft_model.save_pretrained(str(tmp_path / "peft"), path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    meta = import_and_compare(tmp_path, path, tmp_path / "peft", inputs, expected)
+    assert meta["method"] == "lora" and meta["method_config"]["r"] == 8 and meta["method_config"]["init"] == "default"
+
+
+def test_peft_lora_and_dora_configs_go_to_their_own_method():
+    from deltatune.peft_format import method_for_peft
+
+    assert method_for_peft({"peft_type": "LORA"}).NAME == "lora"
+    assert method_for_peft({"peft_type": "LORA", "use_dora": True}).NAME == "dora"
+    assert method_for_peft({"peft_type": "LOKR"}).NAME == "lokr"
+    with pytest.raises(UserError, match="cannot import peft type 'BOFT'"):
+        method_for_peft({"peft_type": "BOFT"})
+
+
+def test_vera_on_gpt2_conv1d_goes_to_peft_and_back(tiny_dir, tmp_path):
+    """GPT-2's fused Conv1D c_attn (peft has no LoHa / LoKr for Conv1D; its VeRA reads it transposed)."""
+    path = tiny_dir("gpt2")
+    tm = load_task_model(path, num_labels=3)
+    method, config = resolve_method("vera", {"r": 16})
+    method.apply(tm, config)
+    randomise(tm.module, std=0.1)
+    inputs = dict(tm.tokenizer(TEXTS, padding=True, return_tensors="pt"))
+    expected = logits(tm.module, inputs)
+    save_delta(tmp_path / "delta", tm, method, config,
+               {"task": {"name": "toy", "label_names": ["a", "b", "c"]}, "head_names": tm.head_names})
+    export_peft(tmp_path / "delta", tmp_path / "peft")
+    peft_model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(path, num_labels=3),
+                                           str(tmp_path / "peft"))
+    assert (logits(peft_model, inputs) - expected).abs().max() <= TOL
+    assert import_and_compare(tmp_path, path, tmp_path / "peft", inputs, expected)["method"] == "vera"

@@ -11,8 +11,9 @@
 Units: "GB" here means GiB (2**30 bytes), as on the seed slides (13.03 "Gb" = 7e9 · 2 bytes / 2**30).
 
 Layout: this file holds the vocabulary shared by every part (dtypes, methods and what they train,
-trainable-parameter counts); `sizes` reads each method's delta sizes from its own Config, `shapes` reads model
-shapes, `seed` is the slide formula, `detailed` the per-layer autograd accounting, `total` puts them together
+trainable-parameter counts); `sizes` reads each method's delta sizes from its own Config (LoRA and its
+variants: what the method file's `estimate_site` says one adapted matrix costs), `shapes` reads model shapes,
+`seed` is the slide formula, `detailed` the per-layer autograd accounting, `total` puts them together
 (`estimate_for_model`), `cli` prints them (`hardware_table`, the `estimate` command), `measure` runs real steps.
 
 `qlora` is a projection, not a method: LoRA as `lora.Config` sizes it, on a 4-bit frozen backbone, as the
@@ -27,11 +28,20 @@ from typing import Any
 
 from deltatune.errors import UserError
 from deltatune.estimate.shapes import ModelShapes
-from deltatune.estimate.sizes import adapter_bottleneck, chosen_layers, ia3_roles, method_config, target_roles
+from deltatune.estimate.sizes import (
+    SITE_METHODS,
+    adapter_bottleneck,
+    chosen_layers,
+    ia3_roles,
+    method_config,
+    site_estimate,
+    target_roles,
+)
+from deltatune.methods.base import SiteEstimate
 
 GIB = 2**30
 METHODS = ("full", "head", "last2", "features", "lora", "adalora", "bitfit", "adapter", "prompt", "prefix",
-           "ptuning", "ia3", "mam", "qlora", "galore", "badam")
+           "ptuning", "ia3", "mam", "qlora", "galore", "badam", "rrlora", "dora", "vera", "loha", "lokr")
 OPTIMIZERS = ("adamw", "sgd", "adamw8bit", "paged_adamw8bit")
 """`train --optimizer`'s names (deltatune/optimizers.py; `adam8bit` is an alias of adamw8bit) and sgd."""
 CLASSIFIER_ONLY = ("head", "features")
@@ -99,8 +109,11 @@ class LayerDelta:
     """Every matrix, bias and norm of the layer (full, last2)."""
     biases: bool = False
     """Only the biases (BitFit)."""
+    sites: tuple[tuple[str, SiteEstimate], ...] = ()
+    """Roles (q, v, qkv, ...) with a side update and what it adds there, as the method file sizes it
+    (`estimate_site`: LoRA, rsLoRA / PiSSA / random ranks, DoRA, VeRA, LoHa, LoKr)."""
     lora_targets: tuple[str, ...] = ()
-    """Roles (q, v, qkv, ...) that get a low-rank update W + B·A."""
+    """AdaLoRA: roles (q, v, qkv, ...) that get a low-rank update W + B·A."""
     lora_rank: int = 0
     adalora: bool = False
     """AdaLoRA: W + B·diag(E)·A, one more vector E of r singular values."""
@@ -120,7 +133,7 @@ class LayerDelta:
 
     @property
     def trains(self) -> bool:
-        return bool(self.all_weights or self.biases or self.lora_targets or self.ia3_out or self.ia3_in
+        return bool(self.all_weights or self.biases or self.sites or self.lora_targets or self.ia3_out or self.ia3_in
                     or self.serial_adapter
                     or self.parallel_adapter or self.prefix_tokens)
 
@@ -175,6 +188,13 @@ def plan_for_method(method: str, shapes: ModelShapes, generation: bool, config: 
         roles = target_roles(config.target_modules, shapes.family, method)
         return every_layer(LayerDelta(lora_targets=roles, lora_rank=rank, adalora=adalora))
 
+    def site_layers() -> MethodPlan:
+        linears = shapes.layer_linears()
+        roles = target_roles(config.target_modules, shapes.family, method)
+        sites = tuple((role, site_estimate(method, config, linears[role].in_features, linears[role].out_features))
+                      for role in roles)
+        return MethodPlan(method, every_layer(LayerDelta(sites=sites)), head=new_head)
+
     def adapter_layers() -> tuple[LayerDelta, ...]:
         if (config.placement, config.parallel) not in (("attn_ffn", False), ("ffn", True)):
             raise UserError("adapter: the estimate models placement=attn_ffn (serial) and ffn with parallel=true")
@@ -199,8 +219,7 @@ def plan_for_method(method: str, shapes: ModelShapes, generation: bool, config: 
                                     + (LayerDelta(all_weights=True),) * min(2, n_layers),  # stays frozen
                                     top=shapes.family != "bert", head=new_head),
         "features": lambda: MethodPlan(method, (frozen,) * n_layers, backprop=False),
-        "lora": lambda: MethodPlan(method, lora_layers(config.r), head=new_head),
-        "qlora": lambda: MethodPlan(method, lora_layers(config.r), head=new_head),
+        **{name: site_layers for name in SITE_METHODS},  # lora, qlora, rrlora, dora, vera, loha, lokr
         # GaLore: every layer weight trains (full gradients); its optimizer state: `optimizer_state_params`
         "galore": lambda: MethodPlan(method, (LayerDelta(all_weights=True),) * n_layers, top=True, head=new_head),
         # BAdam: one layer's gradients and Adam state at a time; the worst block is the bottom one, whose
@@ -259,7 +278,8 @@ def head_params(shapes: ModelShapes, generation: bool, num_labels: int, bias: bo
 def layer_delta_params(shapes: ModelShapes, delta: LayerDelta) -> TrainableParams:
     """Trainable parameters of one layer under `delta`.
 
-    LoRA:     r·(in + out) per target (A: r×in, B: out×r); AdaLoRA adds E (r values)
+    sites:    what the method file says (`estimate_site`; LoRA: r·(in + out) per target, A: r×in, B: out×r)
+    AdaLoRA:  r·(in + out) + r (E) per target
     adapter:  2 · (h·m + m + m·h + h)      (down and up projections with biases, after attention and FFN)
     parallel: h·m + m + m·h + h            (MAM's FFN adapter)
     IA3:      Σ out(output-scaled targets) + Σ in(feed-forward targets)
@@ -268,11 +288,11 @@ def layer_delta_params(shapes: ModelShapes, delta: LayerDelta) -> TrainableParam
     """
     linears = shapes.layer_linears()
     backbone = 0
+    added = sum(site.params for _, site in delta.sites)
     if delta.all_weights:
         backbone = shapes.layer_params()
     elif delta.biases:
         backbone = shapes.layer_bias_params()
-    added = 0
     for role in delta.lora_targets:
         lin = linears[role]
         added += delta.lora_rank * (lin.in_features + lin.out_features) + (delta.lora_rank if delta.adalora else 0)
@@ -282,7 +302,7 @@ def layer_delta_params(shapes: ModelShapes, delta: LayerDelta) -> TrainableParam
     for bottleneck, count in ((delta.serial_adapter, 2), (delta.parallel_adapter, 1)):
         added += count * (2 * h * bottleneck + bottleneck + h) if bottleneck else 0
     added += 2 * delta.prefix_tokens * shapes.kv_dim if delta.prefix_direct else 0
-    return TrainableParams(backbone, added)
+    return TrainableParams(backbone, round(added))  # random ranks: the mean rank may be a half
 
 
 def ia3_width(linears: dict, role: str) -> int:
@@ -355,6 +375,7 @@ def largest_trainable_tensors(shapes: ModelShapes, plan: MethodPlan, generation:
             backbone.append(max(lin.in_features * lin.out_features for lin in linears.values()))
         elif layer.biases:
             backbone.append(max([lin.out_features for lin in linears.values() if lin.has_bias] + [h]))
+        delta += [site.largest for _, site in layer.sites]
         for role in layer.lora_targets:                     # A: r × in, B: out × r
             delta.append(layer.lora_rank * max(linears[role].in_features, linears[role].out_features))
         delta += [ia3_width(linears, r) for r in layer.ia3_out] + [linears[r].in_features for r in layer.ia3_in]

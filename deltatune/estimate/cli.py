@@ -120,6 +120,14 @@ def parse_methods(method: str | Sequence[str] | None, shapes: ModelShapes, dtype
     return names
 
 
+def quantize_kinds(value: str | None) -> list[str | None]:
+    """--quantize "nf4,int8" -> ["nf4", "int8"] (train's names; none -> None: the backbone as loaded)."""
+    from deltatune.quantize import parse
+
+    parts = [part.strip() for part in (value or "none").split(",") if part.strip()]
+    return list(dict.fromkeys(parse(part) for part in parts)) or [None]
+
+
 def task_is_generation(task: str | None, shapes: ModelShapes) -> bool:
     """--task: generation (LM loss; decoders only) or classification (a classifier with --num-labels outputs:
     last-token pooling for a decoder, as `deltatune compare` trains it); None: generation for decoders."""
@@ -137,12 +145,12 @@ def estimate(*, model: str = "all-minilm-l6-v2", method: list[str] | None = None
              dtype: str = "fp32", optimizer: str = "adamw", activations: str = "detailed",
              gradient_checkpointing: bool = False, num_virtual_tokens: int | None = None, num_labels: int = 2,
              hardware_table: bool = False, json_: bool = False, attention: str = "eager", measure: bool = False,
-             measure_steps: int = 3, threads: int = 1, task: str | None = None) -> int:
+             measure_steps: int = 3, threads: int = 1, task: str | None = None, quantize: str | None = None) -> int:
     """Estimate the GPU memory of one training step per method, from the model's shapes alone.
 
     Args:
         model: a known name (llama-2-7b, mistral-7b, bert-base-uncased, ...), a folder with config.json, or a config.json path.
-        method: methods, comma-separated and/or repeated (--method full --method lora,prompt): full, head, last2, features, lora, adalora, bitfit, adapter, prompt, prefix, ptuning, ia3, mam, qlora (a projection: LoRA on a 4-bit backbone, no method yet), or all (default: full,lora). Each method's sizes are its Config's defaults.
+        method: methods, comma-separated and/or repeated (--method full --method lora,prompt): full, head, last2, features, lora, rrlora, dora, vera, loha, lokr, adalora, bitfit, adapter, prompt, prefix, ptuning, ia3, mam, galore, badam, qlora (a projection: LoRA on a 4-bit backbone, no method yet), or all (default: full,lora). Each method's sizes are its Config's defaults.
         batch_size: sequences per training step.
         seq_len: tokens per sequence (prompt methods add their soft tokens).
         dtype: training dtype: fp32, bf16, fp16, amp (mixed precision), int8, 4bit, 2bit (k-bit frozen backbone).
@@ -158,11 +166,17 @@ def estimate(*, model: str = "all-minilm-l6-v2", method: list[str] | None = None
         measure_steps: training steps per method with --measure.
         threads: torch threads per measuring process.
         task: generation (LM loss over the vocabulary) or classification (a --num-labels classifier; a decoder pools its last token, as `deltatune compare` trains it); default: generation for decoders, classification for encoders.
+        quantize: k-bit backbones as train's --quantize names them (nf4, fp4, int8, 3bit, 2bit; none: as loaded), comma-separated: with --measure, each method is measured and estimated on each (on deltatune's own path, as train runs them); without, one kind is the same as --dtype KIND.
     """
     if hardware_table:
         rows = hardware_table_rows()  # the flag shadows the function's name here
         print(json.dumps([asdict(row) for row in rows], indent=2) if json_ else format_hardware_table(rows))
         return 0
+    kinds = quantize_kinds(quantize)
+    if not measure and kinds != [None]:
+        if len(kinds) > 1 or dtype != "fp32":
+            raise UserError("--quantize without --measure names one k-bit dtype (as --dtype does): give one kind")
+        dtype = kinds[0]
     shapes = load_shapes(model)
     generation = task_is_generation(task, shapes)
     methods = parse_methods(method, shapes, dtype, generation)
@@ -175,12 +189,14 @@ def estimate(*, model: str = "all-minilm-l6-v2", method: list[str] | None = None
     if measure:
         if dtype != "fp32" or optimizer != "adamw" or gradient_checkpointing:
             raise UserError("--measure trains with adamw, no checkpointing, in fp32 (sdpa) or the fast path's "
-                            "precision (--attention deltatune): leave --dtype, --optimizer as they are")
+                            "precision (--attention deltatune): leave --dtype, --optimizer as they are "
+                            "(k-bit backbones: --quantize nf4,int8)")
         path = "deltatune" if attention == "deltatune" else "sdpa"
 
         names = [m for m in methods if m in MEASURABLE] if method_names(method) == ["all"] else methods
         rows = measure_methods(model, names, batch_size=batch_size, seq_len=seq_len, steps=measure_steps,
-                               num_labels=num_labels, threads=threads, generation=generation, training=path)
+                               num_labels=num_labels, threads=threads, generation=generation, training=path,
+                               quantize=kinds)
         kind = "generation" if generation else f"classification ({num_labels} labels)"
         print(json.dumps(measurements_json(rows), indent=2) if json_ else format_measurements(
             rows, f"{model}: {kind}, batch {batch_size}, seq {seq_len}, "

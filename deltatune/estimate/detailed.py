@@ -54,6 +54,7 @@ from deltatune.errors import UserError
 from deltatune.estimate import LayerDelta, MethodPlan, fastpath
 from deltatune.estimate.shapes import ModelShapes
 from deltatune.estimate.tape import ATTENTION_IMPLEMENTATIONS, LM_LOSSES, Act, RunSettings, Tape
+from deltatune.methods.base import SiteEstimate
 
 
 def delta_input(tape: Tape, x: Act, name: str, run: RunSettings) -> Act:
@@ -61,11 +62,23 @@ def delta_input(tape: Tape, x: Act, name: str, run: RunSettings) -> Act:
     return x if x.itemsize == run.delta_bytes else tape.new(x.derived(f"{name}.input_cast", itemsize=run.delta_bytes))
 
 
-def lora_branch(tape: Tape, x: Act, base_out: Act, rank: int, run: RunSettings) -> Act:
-    """y = W·x + (α/r)·B·A·x: A keeps its input x, B keeps the r-wide z = A·x."""
-    z = tape.linear(delta_input(tape, x, base_out.name, run), f"{base_out.name}.lora_z", rank, weight_trains=True)
-    update = tape.linear(z, f"{base_out.name}.lora_out", int(base_out.width), weight_trains=True)
-    out = tape.add(update, base_out, f"{base_out.name}+lora")
+def lora_branch(tape: Tape, x: Act, base_out: Act, rank: float, run: RunSettings,
+                site: SiteEstimate | None = None) -> Act:
+    """y = W·x + (α/r)·B·A·x: A keeps its input x, B keeps the r-wide z = A·x. A method's `site` (its
+    `estimate_site`) sets the rank and adds what it keeps beyond: factors formed each step (the A-side one
+    only when x needs a gradient) and per-token tensors (DoRA's W0 x + s·BAx for its magnitude)."""
+    name = base_out.name
+    if site is not None:
+        rank = site.rank
+        formed_a, formed_b = site.formed
+        for part, elements in (("a", formed_a if x.grad else 0.0), ("b", formed_b)):
+            if elements:
+                tape.keep(Act(f"{name}.formed_{part}", 1, elements, run.delta_bytes, False))
+    z = tape.linear(delta_input(tape, x, name, run), f"{name}.lora_z", rank, weight_trains=True)
+    update = tape.linear(z, f"{name}.lora_out", int(base_out.width), weight_trains=True)
+    if site is not None and site.per_token:
+        tape.keep(Act(f"{name}.site_kept", x.rows, site.per_token, run.delta_bytes, False))
+    out = tape.add(update, base_out, f"{name}+lora")
     tape.free(z, update, base_out)
     return out.derived(out.name, grad=True)
 
@@ -92,7 +105,10 @@ def projection(tape: Tape, x: Act, role: str, shapes: ModelShapes, layer: LayerD
                     bias_trains=linear.has_bias and (layer.all_weights or layer.biases))
     if x is not source:
         tape.free(x)
-    if role in layer.lora_targets:
+    site = dict(layer.sites).get(role)
+    if site is not None:
+        y = lora_branch(tape, source, y, site.rank, run, site)
+    elif role in layer.lora_targets:
         y = lora_branch(tape, source, y, layer.lora_rank, run)
     if role in layer.ia3_out:
         scaled = tape.scale(y, f"{role}.ia3_scaled", vector_trains=True)

@@ -31,6 +31,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from deltatune import backbone
@@ -52,7 +53,7 @@ MODEL_FOR_SHAPES = {"all-minilm-l6-v2": "minilm", "smollm2-135m": "smollm2", "sm
 PATHS = ("sdpa", "deltatune")
 """What `--measure` trains: transformers' model with SDPA in fp32, or deltatune's own training path."""
 MEASURABLE = ("full", "head", "last2", "features", "lora", "adalora", "bitfit", "adapter", "prompt", "prefix",
-              "ptuning", "ia3", "mam", "galore", "badam")
+              "ptuning", "ia3", "mam", "galore", "badam", "rrlora", "dora", "vera", "loha", "lokr")
 """The estimator's methods that run here (qlora needs bitsandbytes on CUDA)."""
 CHILD_ENV = {"TRANSFORMERS_VERBOSITY": "error", "MALLOC_MMAP_THRESHOLD_": "131072"}
 """A fixed mmap threshold: every buffer over 128 KiB goes back to the system when freed, so RSS follows
@@ -115,9 +116,15 @@ def _train(spec: dict, batch_size: int, seq_len: int, steps: int, prepared=None)
     pooling = "lm" if spec["generation"] else "hf"
     if method.fit is not None:  # features: an explicit pooling, as `features.pooling_for` picks it
         pooling = "last" if spec["decoder"] else "cls"
-    task_model = load_task_model(spec["model"], num_labels=spec["num_labels"], pooling=pooling)
+    task_model = load_task_model(spec["model"], num_labels=spec["num_labels"], pooling=pooling,
+                                 quantize=spec.get("quantize"))
     task_model.label_names = [f"label {i}" for i in range(spec["num_labels"])]
-    method.apply(task_model, config)
+    if task_model.quantization:  # --quantize: refused like train refuses it (full, bitfit)
+        from deltatune.quantize import apply_method
+
+        apply_method(task_model, method, config)
+    else:
+        method.apply(task_model, config)
     precision, forward = "fp32", lambda batch: task_model.module(**batch)
     if spec.get("path") == "deltatune" and method.fit is None:
         precision = fast.prepare_for_training(task_model, TrainConfig()).precision
@@ -169,15 +176,16 @@ def run_child(spec: dict) -> dict:
     peak = _rss_mb("VmHWM") if exact else sampled.peak_mb
     return {"method": spec["label"], "batch_size": spec["batch_size"], "seq_len": spec["seq_len"],
             "runtime_mb": runtime, "peak_mb": peak, "seconds_per_step": seconds, "trainable_params": trainable,
-            "precision": precision}
+            "precision": spec.get("quantize") or precision}
 
 
 def measure_in_child(model: str, method: str, *, batch_size: int, seq_len: int, steps: int = 3,
                      generation: bool = False, decoder: bool = False, num_labels: int = 2, threads: int = 1,
-                     options: dict | None = None, label: str | None = None, path: str = "sdpa") -> Measurement:
+                     options: dict | None = None, label: str | None = None, path: str = "sdpa",
+                     quantize: str | None = None) -> Measurement:
     """Run `run_child` in a fresh Python process and read its Measurement."""
     spec = {"model": model, "method": method, "options": dict(options or {}), "label": label or method,
-            "path": path,
+            "path": path, "quantize": quantize,
             "batch_size": batch_size, "seq_len": seq_len, "steps": steps, "generation": generation,
             "decoder": decoder, "num_labels": num_labels, "threads": threads}
     proc = subprocess.run([sys.executable, "-m", "deltatune.estimate.measure", json.dumps(spec)],
@@ -193,8 +201,10 @@ def measure_in_child(model: str, method: str, *, batch_size: int, seq_len: int, 
 
 def measure_methods(model: str, methods: list[str], *, batch_size: int, seq_len: int, steps: int = 3,
                     num_labels: int = 2, threads: int = 1, generation: bool | None = None,
-                    training: str = "sdpa") -> list[Measurement]:
-    """Measure each method and attach its detailed CPU estimate (MiB) for the same run; `training`: PATHS."""
+                    training: str = "sdpa", quantize: Sequence[str | None] = (None,)) -> list[Measurement]:
+    """Measure each method and attach its detailed CPU estimate (MiB) for the same run; `training`: PATHS.
+    `quantize`: backbones to measure each method on (None: as loaded; nf4, int8, ...: `train --quantize`'s,
+    always on deltatune's own path, as `train` runs them, estimated with that k-bit dtype)."""
     path = resolve_model_path(MODEL_FOR_SHAPES.get(model.lower(), model))
     shapes = load_shapes(path)
     generation = shapes.is_decoder if generation is None else generation
@@ -202,7 +212,6 @@ def measure_methods(model: str, methods: list[str], *, batch_size: int, seq_len:
         raise UserError(f"{shapes.name} is an encoder: it trains a classifier, not generation")
     if training not in PATHS:
         raise UserError(f"--measure trains the {' or the '.join(PATHS)} path, not '{training}'")
-    attention = "sdpa" if training == "sdpa" else "deltatune"  # sdpa: what transformers picks for BERT and Llama
     if training == "deltatune":  # the fast path trains with dropout 0 (--dropout auto)
         shapes = dataclasses.replace(shapes, hidden_dropout=0.0, attention_dropout=0.0)
     unknown = [m for m in methods if m not in MEASURABLE]
@@ -212,17 +221,23 @@ def measure_methods(model: str, methods: list[str], *, batch_size: int, seq_len:
         plan_for_method(method, shapes, generation)
     rows = []
     for method in methods:
-        print(f"measuring {method} ({steps} steps, batch {batch_size}, seq {seq_len})...", file=sys.stderr)
-        row = measure_in_child(path, method, batch_size=batch_size, seq_len=seq_len, steps=steps,
-                               generation=generation, decoder=shapes.is_decoder, num_labels=num_labels,
-                               threads=threads, path=training)
-        fast_path = training == "deltatune" and method != "features"
-        [estimate] = estimate_for_model(shapes, [method], batch_size=batch_size, seq_len=seq_len,
-                                        attention=attention if fast_path else "sdpa", device="cpu",
-                                        generation=generation, num_labels=num_labels, dtype=row.precision,
-                                        lm_loss="chunked" if fast_path and generation else "model")
-        row.estimated_mb = estimate.total_gb * 1024
-        rows.append(row)
+        for kind in quantize:
+            label = f"{method} {kind}" if kind else method
+            print(f"measuring {label} ({steps} steps, batch {batch_size}, seq {seq_len})...", file=sys.stderr)
+            run_path = "deltatune" if kind else training
+            row = measure_in_child(path, method, batch_size=batch_size, seq_len=seq_len, steps=steps,
+                                   generation=generation, decoder=shapes.is_decoder, num_labels=num_labels,
+                                   threads=threads, path=run_path, quantize=kind, label=label)
+            fast_path = run_path == "deltatune" and method != "features"
+            run_shapes = dataclasses.replace(shapes, hidden_dropout=0.0, attention_dropout=0.0) \
+                if run_path == "deltatune" else shapes
+            [estimate] = estimate_for_model(run_shapes, [method], batch_size=batch_size, seq_len=seq_len,
+                                            attention="deltatune" if fast_path else "sdpa", device="cpu",  # sdpa:
+                                            # what transformers picks for BERT and Llama
+                                            generation=generation, num_labels=num_labels, dtype=row.precision,
+                                            lm_loss="chunked" if fast_path and generation else "model")
+            row.estimated_mb = estimate.total_gb * 1024
+            rows.append(row)
     return rows
 
 

@@ -14,6 +14,8 @@
     ia3        ia3.Config: target_modules,                  l scales the outputs of targets, and the inputs
                feedforward_modules                          of the feed-forward ones
     mam        mam.Config: prefix + parallel adapter        composed as mam.apply composes them
+    lora, qlora, rrlora, dora, vera, loha, lokr             what each adds to one adapted matrix: the method
+               (side updates)                               file's own `estimate_site(config, k, d)` hook
 
 The Config is looked up on the method module at each call (`lora.Config`), so an option's default lives in
 one place. Roles (query, key, value, attn_out, ffn_in, ffn_out) map to the estimate's layer matrices.
@@ -25,21 +27,51 @@ from types import ModuleType
 from typing import Any
 
 from deltatune.errors import UserError
-from deltatune.methods import adalora, adapter, galore, ia3, lora, mam, prefix, prompt, ptuning
-from deltatune.methods.base import build_config
+from deltatune.methods import (
+    adalora,
+    adapter,
+    dora,
+    galore,
+    ia3,
+    loha,
+    lokr,
+    lora,
+    mam,
+    prefix,
+    prompt,
+    ptuning,
+    vera,
+)
+from deltatune.methods.base import Method, SiteEstimate, build_config
 
 CONFIGURED: dict[str, ModuleType] = {"lora": lora, "qlora": lora, "adalora": adalora, "adapter": adapter,
                                      "prompt": prompt, "ptuning": ptuning, "prefix": prefix, "ia3": ia3,
                                      "mam": mam, "galore": galore}
 """The methods whose sizes depend on their options, and the module whose Config holds them."""
+SITE_METHODS: dict[str, ModuleType] = {"lora": lora, "qlora": lora, "rrlora": lora, "dora": dora, "vera": vera,
+                                       "loha": loha, "lokr": lokr}
+"""Side-update methods: the method file sizes each adapted matrix (its `estimate_site`); qlora and the preset
+rrlora are LoRA's."""
 ROLES = {"query": "q", "key": "k", "value": "v", "attn_out": "o", "ffn_out": "down"}
 """deltatune's roles -> the estimate's matrices (`ModelShapes.layer_linears`); ffn_in: `ffn_in_roles`."""
 
 
+def preset_options(method: str) -> dict[str, Any]:
+    """A preset's options (rrlora: lora with random_ranks 1-16, `lora.RRLORA`), else none."""
+    return dict(lora.RRLORA) if method == "rrlora" else {}
+
+
 def method_config(method: str, options: dict[str, Any] | None = None) -> Any | None:
     """The method's Config with `options` over its defaults (None for methods without size options)."""
+    if method in SITE_METHODS:
+        return build_config(SITE_METHODS[method].Config, {**preset_options(method), **(options or {})})
     module = CONFIGURED.get(method)
     return None if module is None else build_config(module.Config, dict(options or {}))
+
+
+def site_estimate(method: str, config: Any, in_features: int, out_features: int) -> SiteEstimate:
+    """What `method` adds to one adapted matrix, from its own file's `estimate_site`."""
+    return Method.of(SITE_METHODS[method]).estimate_site(config, in_features, out_features)
 
 
 def target_roles(targets: tuple[str, ...], family: str, method: str) -> tuple[str, ...]:

@@ -61,7 +61,7 @@ REGISTRY: dict[str, Method] = {name: Method.of(module) for name, module in _MODU
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "last2": ("head", {"unfreeze_last": 2}),
     "said": ("intrinsic", {"said": True}),
-    "rrlora": ("lora", {"random_ranks": "1-16"}),
+    "rrlora": ("lora", lora.RRLORA),
 }
 """Ready names for a method with options: `last2` is `head` with the last 2 layers unfrozen."""
 

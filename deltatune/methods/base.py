@@ -23,9 +23,15 @@ hooks without probing (`hasattr`) and this class is the one place that lists the
     saving      delta_state(task_model, config)    what to save; default: the trainable tensors
                 load_delta_state(task_model, config, tensors)   default: checked load by name and shape
                 PEFT_TYPE, to_peft, from_peft      peft export / import, or None
+                reads_peft(adapter_config)         True for the peft adapters from_peft reads; default: those
+                                                   whose peft_type is PEFT_TYPE (LoRA and DoRA share "LORA"
+                                                   and tell by use_dora)
                 merge(task_model, config)          fold the delta into the backbone's own weights in place and
                                                    take the method's modules out, leaving the plain transformers
                                                    model (`export --format merged`), or None: cannot be merged
+    estimate    estimate_site(config, k, d)        a `SiteEstimate`: what the method adds to one adapted (k → d)
+                                                   matrix in a training step (`deltatune estimate`), or None: the
+                                                   estimator models the method itself (estimate/__init__.py)
     no tuning   run_job(job, config, out), make_strategy(config, context)   icl / knn, or None
     serving     ROW_INPUT                          None, "soft_tokens" or "prefix": the per-row input
                                                    the serve engine builds for this method's rows
@@ -81,6 +87,25 @@ def load_checked(task_model: TaskModel, config: Any, tensors: dict[str, torch.Te
     task_model.module.load_state_dict(tensors, strict=False)
 
 
+@dataclass(frozen=True)
+class SiteEstimate:
+    """One adapted matrix W0 (d × k) of a side-update method (h = W0 x + update(x)) in a training step, in
+    elements, as the memory estimator counts it; the update runs as x → z (T × rank) → (T × d), keeping x
+    and z for backward, as LoRA does."""
+
+    params: float
+    """Trainable elements."""
+    largest: float
+    """Elements of the largest trainable tensor (AdamW's CPU temporaries are sized by it)."""
+    rank: float
+    """Width of the intermediate z = A x kept for B's gradient (per token)."""
+    per_token: float = 0.0
+    """Further elements kept per token (DoRA: the d-wide W0 x + s·BAx that the magnitude's gradient needs)."""
+    formed: tuple[float, float] = (0.0, 0.0)
+    """Elements of factors formed from the parameters each step and kept for backward: (the A-side one, kept
+    only when x needs a gradient; the B-side one) (VeRA: Λ_d A, Λ_b B; LoHa: the Khatri-Rao products)."""
+
+
 def _no_op(*args: Any) -> None:
     return None
 
@@ -113,9 +138,11 @@ class Method:
     PEFT_TYPE: str | None = None
     to_peft: Callable[[Any, dict], tuple[dict, dict]] | None = None
     from_peft: Callable[[dict, dict], tuple[Any, dict]] | None = None
+    reads_peft: Callable[[dict], bool] = lambda adapter_config: False  # `of` fills it from PEFT_TYPE
     run_job: Callable[..., dict] | None = None
     make_strategy: Callable[..., Any] | None = None
     merge: Callable[[TaskModel, Any], None] | None = None
+    estimate_site: Callable[[Any, int, int], SiteEstimate] | None = None
     ROW_INPUT: str | None = None
     ROW_HOOKS: tuple[str, ...] = ()
     ROW_TOP_MODULES: tuple[str, ...] = ()
@@ -130,6 +157,7 @@ class Method:
         if missing:
             raise TypeError(f"method module {module.__name__} lacks {', '.join(missing)}")
         lr = found["DEFAULT_LR"]
+        peft_type = found.get("PEFT_TYPE") if found.get("from_peft") is not None else None
         defaults: dict[str, Any] = {
             "default_lr": lambda config: lr,
             "pooling_for": lambda requested, arch: requested,
@@ -141,6 +169,8 @@ class Method:
             "load_checkpoint_state": _no_op,
             "delta_state": lambda task_model, config: trainable_state(task_model.module),
             "load_delta_state": load_checked,
+            "reads_peft": lambda adapter_config: peft_type is not None
+            and adapter_config.get("peft_type") == peft_type,
         }
         hooks = {f.name for f in dataclasses.fields(cls)} - {"module"}
         values = {name: found[name] if name in found else defaults.get(name, cls.__dataclass_fields__[name].default)

@@ -20,12 +20,15 @@ are LoRA's (rsLoRA scaling, init, LoRA+, random ranks); the magnitude lives in
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from deltatune.backbone import TaskModel
+from deltatune.errors import UserError
 from deltatune.methods import lora as lora_method
-from deltatune.methods.base import unwrap_layers
+from deltatune.methods.base import SiteEstimate, unwrap_layers
 from deltatune.methods.lora import ADAPTER, Config, LoRALinear, adapt, dense_weight, lora_update, sized
 from deltatune.methods.rows import Rows
 
@@ -126,9 +129,34 @@ def merge(task_model: TaskModel, config: Config) -> None:
     unwrap_layers(task_model, DoRALinear, fold)
 
 
+def estimate_site(config: Config, k: int, d: int) -> SiteEstimate:
+    """LoRA's, plus m (d) and, per token, the d-wide W0 x + s·BAx that m's gradient keeps; each step forms n
+    and m / n (d each) from (d, r) products: nothing of size d × k is kept."""
+    site = lora_method.estimate_site(config, k, d)
+    return dataclasses.replace(site, params=site.params + d, largest=max(site.largest, d),
+                               per_token=site.per_token + d, formed=(site.formed[0], site.formed[1] + 2 * d))
+
+
 def to_peft(config: Config, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
     """peft LoRA with use_dora: LoRA's fields and names, the magnitude as `X.lora_magnitude_vector`."""
     suffix = f".lora_magnitude_vector.{ADAPTER}"
     magnitudes = {k.replace(suffix, ".lora_magnitude_vector"): v for k, v in tensors.items() if k.endswith(suffix)}
     fields, out = lora_method.to_peft(config, {k: v for k, v in tensors.items() if not k.endswith(suffix)})
     return {**fields, "use_dora": True}, {**out, **magnitudes}
+
+
+def reads_peft(adapter_config: dict) -> bool:
+    """peft LoRA adapters with use_dora (LoRA reads the others)."""
+    return adapter_config.get("peft_type") == PEFT_TYPE and bool(adapter_config.get("use_dora"))
+
+
+def from_peft(adapter_config: dict, tensors: dict[str, torch.Tensor]) -> tuple[Config, dict[str, torch.Tensor]]:
+    """The inverse of to_peft: LoRA's reading (rsLoRA, pissa / olora as there), plus the magnitudes."""
+    suffix = ".lora_magnitude_vector"
+    magnitudes = {k.removesuffix(".weight").replace(suffix, f"{suffix}.{ADAPTER}"): v
+                  for k, v in tensors.items() if suffix in k}
+    if not magnitudes:
+        raise UserError("the peft adapter says use_dora but holds no '*.lora_magnitude_vector' tensors")
+    config, ours = lora_method.from_peft({**adapter_config, "use_dora": False},
+                                         {k: v for k, v in tensors.items() if suffix not in k})
+    return config, {**ours, **magnitudes}

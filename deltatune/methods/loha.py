@@ -26,7 +26,7 @@ from torch import nn
 
 from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
-from deltatune.methods.base import AdaptedLayer, unwrap_layers
+from deltatune.methods.base import AdaptedLayer, SiteEstimate, unwrap_layers
 from deltatune.methods.lora import LowRankSite, Placement, adapt, fold_low_rank
 from deltatune.options import option
 
@@ -92,6 +92,12 @@ def apply(task_model: TaskModel, config: Config) -> None:
 def merge(task_model: TaskModel, config: Config) -> None:
     """W0 ← W0 + s · (B1 A1) ⊙ (B2 A2)."""
     unwrap_layers(task_model, LoHaLinear, fold_low_rank)
+
+
+def estimate_site(config: Config, k: int, d: int) -> SiteEstimate:
+    """Four factors, 2r(k + d); the update runs at rank r², keeping the formed (r², k) and (d, r²)."""
+    r = config.r
+    return SiteEstimate(2 * r * (k + d), r * max(k, d), r * r, formed=(r * r * k, d * r * r))
 
 
 def to_peft(config: Config, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -25,7 +25,7 @@ from torch import nn
 
 from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
-from deltatune.methods.base import AdaptedLayer, unwrap_layers
+from deltatune.methods.base import AdaptedLayer, SiteEstimate, unwrap_layers
 from deltatune.methods.loha import add_factors
 from deltatune.methods.lora import Placement, adapt
 from deltatune.methods.rows import Rows
@@ -122,6 +122,13 @@ def merge(task_model: TaskModel, config: Config) -> None:
         w.add_(layer.delta_weight(ADAPTER).to(w.dtype))
 
     unwrap_layers(task_model, LoKrLinear, fold)
+
+
+def estimate_site(config: Config, k: int, d: int) -> SiteEstimate:
+    """C (d1, k1), B (d2, r), A (r, k2); per token the update keeps x, X Aᵀ (k1 · r) and X Aᵀ Bᵀ (k1 · d2)."""
+    (d1, d2), (k1, k2) = factor_pair(d), factor_pair(k)
+    sizes = (d1 * k1, d2 * config.r, config.r * k2)
+    return SiteEstimate(sum(sizes), max(sizes), k1 * config.r, per_token=k1 * d2)
 
 
 def to_peft(config: Config, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -45,6 +45,7 @@ from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
 from deltatune.methods.base import (
     AdaptedLayer,
+    SiteEstimate,
     decay_groups,
     layer_of,
     layer_selection,
@@ -60,6 +61,8 @@ from deltatune.options import option
 NAME = "lora"
 DEFAULT_LR = 1e-3
 ADAPTER = "default"
+RRLORA = {"random_ranks": "1-16"}
+"""The preset `rrlora` (seed 004's Random Rank LoRA ablation), registered in methods/__init__.py."""
 
 
 @dataclass
@@ -305,6 +308,16 @@ def delta_state(task_model: TaskModel, config: Config) -> dict[str, torch.Tensor
     return state
 
 
+def estimate_site(config: Config, k: int, d: int) -> SiteEstimate:
+    """B·A on a (k → d) matrix: r(k + d) parameters, z of width r (random_ranks: the middle of the range, the
+    mean of the seeded draws); pissa / olora form [A; A0], [B, −B0] of rank 2r each step (torch.cat)."""
+    span = config.rank_range()
+    r = config.r if span is None else sum(span) / 2
+    if config.init in ("pissa", "olora"):
+        return SiteEstimate(r * (k + d), r * max(k, d), 2 * r, formed=(2 * r * k, 2 * r * d))
+    return SiteEstimate(r * (k + d), r * max(k, d), r)
+
+
 PEFT_TYPE = "LORA"
 
 
@@ -333,14 +346,26 @@ def to_peft(config: Config, tensors: dict[str, torch.Tensor]) -> tuple[dict, dic
     return fields, peft_tensors
 
 
+def reads_peft(adapter_config: dict) -> bool:
+    """peft LoRA adapters without use_dora (those are DoRA's)."""
+    return adapter_config.get("peft_type") == PEFT_TYPE and not adapter_config.get("use_dora")
+
+
 def from_peft(adapter_config: dict, tensors: dict[str, torch.Tensor]) -> tuple[Config, dict[str, torch.Tensor]]:
-    """The inverse of to_peft: a peft LoRA adapter (names without `base_model.model.`) as a LoRA delta."""
+    """The inverse of to_peft: a peft LoRA adapter (names without `base_model.model.`) as a LoRA delta.
+
+    use_rslora becomes scaling=rslora. init_lora_weights=pissa / olora as peft saves it without
+    `path_initial_model_for_weight_conversion`: the file holds A, B only, and peft's model was W0 − s·B0A0
+    + s·BA with B0, A0 the SVD / QR of the original W0, which `PeftModel.from_pretrained` re-runs on the base
+    it is given. The import is init=pissa / olora: `apply` draws B0, A0 from the same original W0 (the
+    product s·B0A0 does not depend on the signs SVD / QR pick), and W0 stays, so logits equal peft's on the
+    original base (not on a saved residual model). A converted adapter (rank 2r, init True) is plain LoRA."""
     unsupported = [k for k in ("use_dora", "lora_bias", "rank_pattern", "alpha_pattern") if adapter_config.get(k)]
     if unsupported or any("lora_embedding" in k or "lora_magnitude" in k for k in tensors):
         raise UserError(f"peft LoRA with {', '.join(unsupported) or 'embedding/DoRA weights'} is not supported "
                         "(one rank and one alpha for every Linear/Conv1D layer)")
     init = str(adapter_config.get("init_lora_weights", True)).lower()
-    if init.startswith(("pissa", "olora", "corda", "eva", "loftq")):  # its base weights were changed too
+    if init not in ("pissa", "olora") and init.startswith(("pissa", "olora", "corda", "eva", "loftq", "lora_ga")):
         raise UserError(f"peft LoRA with init_lora_weights={init} needs the base model peft modified: save it "
                         "with path_initial_model_for_weight_conversion (plain LoRA) and import that")
     r, alpha = int(adapter_config["r"]), float(adapter_config["lora_alpha"])
@@ -349,5 +374,6 @@ def from_peft(adapter_config: dict, tensors: dict[str, torch.Tensor]) -> tuple[C
     ours = {k.replace(".lora_A.", f".lora_A.{ADAPTER}.").replace(".lora_B.", f".lora_B.{ADAPTER}."): v
             for k, v in tensors.items()}
     config = Config(r=r, alpha=alpha, dropout=float(adapter_config.get("lora_dropout", 0.0)),
-                    target_modules=tuple(targets), bias=adapter_config.get("bias", "none"), scaling=scaling)
+                    target_modules=tuple(targets), bias=adapter_config.get("bias", "none"), scaling=scaling,
+                    init=init if init in ("pissa", "olora") else "default")
     return config, ours

@@ -24,7 +24,7 @@ from torch import nn
 
 from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
-from deltatune.methods.base import linear_dims, unwrap_layers
+from deltatune.methods.base import SiteEstimate, linear_dims, unwrap_layers
 from deltatune.methods.lora import LowRankSite, Placement, adapt, adapted_names, fold_low_rank
 from deltatune.options import option
 
@@ -94,6 +94,13 @@ def apply(task_model: TaskModel, config: Config) -> None:
 def merge(task_model: TaskModel, config: Config) -> None:
     """W0 ← W0 + Λ_b B Λ_d A."""
     unwrap_layers(task_model, VeRALinear, fold_low_rank)
+
+
+def estimate_site(config: Config, k: int, d: int) -> SiteEstimate:
+    """d (r) and b (d) train; z is r wide and the scaled Λ_d A (r, k), Λ_b B (d, r) are kept each step (the
+    shared A, B themselves are frozen buffers of r · (k_max + d_max), not counted)."""
+    r = config.r
+    return SiteEstimate(r + d, max(r, d), r, formed=(r * k, d * r))
 
 
 def to_peft(config: Config, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
