@@ -78,12 +78,22 @@ def main(argv: list[str] | None = None) -> None:
             args = parse_command_line(parser, argv)
         code = call_with(args._func, args)
     except UserError as exc:
-        print(f"deltatune: error: {exc}", file=sys.stderr)
+        if not (os.environ.get("DELTATUNE_RANK_ERRORS") and _rank_reported(str(exc))):  # `--nproc` prints it
+            print(f"deltatune: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("deltatune: interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # `deltatune predict ... | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout again at exit
+        sys.exit(141)  # 128 + SIGPIPE, as a shell reports a command killed by it
     sys.exit(code or 0)
+
+
+def _rank_reported(message: str) -> bool:
+    from deltatune.distributed import report_rank_error
+
+    return report_rank_error(message)
 
 
 if __name__ == "__main__":

@@ -20,10 +20,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
-import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -198,14 +200,59 @@ def launch(argv: list[str], launch_args: LaunchArgs, command: str) -> int:
         raise UserError("--nnodes needs --nproc N: the processes to start on this machine")
     if launch_args.node_rank >= launch_args.nnodes:
         raise UserError(f"--node-rank must be below --nnodes ({launch_args.nnodes}), got {launch_args.node_rank}")
-    run = torchrun_prefix(launch_args.nproc, launch_args)
-    return subprocess.run([*run, "-m", "deltatune", *argv]).returncode
+    return _torchrun([*torchrun_flags(launch_args.nproc, launch_args), "-m", "deltatune", *argv])
+
+
+RANK_ERRORS = "DELTATUNE_RANK_ERRORS"
+"""Set by `--nproc` for its ranks: a folder where a rank writes its UserError line (`rank-R`) instead of
+printing it, so that the launcher prints it once and exits 2 (torchrun itself would exit 1)."""
+
+
+def _torchrun(args: list[str]) -> int:
+    """torchrun's agent in this process (torch.distributed.run); a rank's UserError is raised here."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    agent_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")  # "failed (exitcode ...)"
+    level = agent_log.level
+    with tempfile.TemporaryDirectory(prefix="deltatune-ranks-") as folder:
+        os.environ[RANK_ERRORS] = folder  # the ranks inherit it
+        agent_log.setLevel(logging.CRITICAL)  # a failure is reported below: the rank's line or torchrun's report
+        try:
+            run(parse_args(args))
+            return 0
+        except ChildFailedError as exc:
+            reported = sorted(Path(folder).glob("rank-*"), key=lambda f: int(f.name[5:]))
+            if reported:  # the lowest rank's line
+                raise UserError(reported[0].read_text().strip()) from None
+            print(exc.format_msg(), file=sys.stderr)  # torchrun's report: which rank failed, how
+            return 1
+        except SignalException as exc:  # Ctrl-C or SIGTERM to the launcher: the ranks were stopped
+            raise KeyboardInterrupt from exc
+        finally:
+            os.environ.pop(RANK_ERRORS, None)
+            agent_log.setLevel(level)
+
+
+def report_rank_error(message: str) -> bool:
+    """In a rank started by `--nproc`: hand a UserError line to the launcher (True); else False."""
+    folder = os.environ.get(RANK_ERRORS)
+    if not folder or not under_torchrun() or not os.path.isdir(folder):
+        return False
+    Path(folder, f"rank-{rank_in_environment()}").write_text(message + "\n")
+    return True
 
 
 def torchrun_prefix(nproc: int, launch_args: LaunchArgs | None = None) -> list[str]:
-    """`python -m torch.distributed.run` with N processes here (its own free port), or as one node of
-    several (static rendezvous at node 0's address and port); the module to run follows (`-m deltatune`)."""
-    run = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    """`python -m torch.distributed.run` with N processes here; the module to run follows (`-m deltatune`)."""
+    return [sys.executable, "-m", "torch.distributed.run", *torchrun_flags(nproc, launch_args)]
+
+
+def torchrun_flags(nproc: int, launch_args: LaunchArgs | None = None) -> list[str]:
+    """torchrun's flags for N processes here (its own free port), or for one node of several (static
+    rendezvous at node 0's address and port)."""
+    run = ["--nproc-per-node", str(nproc)]
     if launch_args is not None and launch_args.nnodes > 1:
         return [*run, "--nnodes", str(launch_args.nnodes), "--node-rank", str(launch_args.node_rank),
                 "--master-addr", launch_args.master_addr, "--master-port", str(launch_args.master_port)]

@@ -11,6 +11,7 @@ auto checkpoints the fewest lowest layers whose estimated step fits --max-memory
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import sys
@@ -183,7 +184,7 @@ def validate(task_model: TaskModel, rows: list[Encoded], config: TrainConfig,
     same metrics (and so picks the same best epoch)."""
     amp = autocast_precision(task_model, config.precision)  # none once the fast path set the dtypes
     world = distributed.current()
-    mine = rows[world.rank::world.size] if world.active else rows
+    mine, pads = even_share(rows, world.rank, world.size) if world.active else (rows, 0)
     start = time.perf_counter()
     if task_model.pooling == "lm":
         from deltatune.generation import evaluate_lm
@@ -199,11 +200,25 @@ def validate(task_model: TaskModel, rows: list[Encoded], config: TrainConfig,
     if not world.active:
         return evaluate(task_model, rows, config.eval_batch_size, amp, cache)
     logits = torch.zeros((len(rows), task_model.num_labels), dtype=torch.float32)  # (N, K), my rows filled
-    logits[world.rank::world.size] = predict_logits(task_model, mine, config.eval_batch_size, amp, cache)
+    scored = predict_logits(task_model, mine, config.eval_batch_size, amp, cache)  # (len(mine), K)
+    logits[world.rank::world.size] = scored[:len(scored) - pads]  # the padding row's logits dropped
     distributed.all_reduce_(logits)  # every row from the one rank that scored it (+ exact zeros)
     metrics = classification_metrics(logits, [r.label for r in rows], task_model.num_labels)
     metrics["inference_ms_per_example"] = 1000 * (time.perf_counter() - start) / max(1, len(rows))
     return metrics
+
+
+def even_share(rows: list[Encoded], rank: int, world: int) -> tuple[list[Encoded], int]:
+    """rows[rank::world], padded to ceil(N / world) rows with a copy of the first row that scores nothing (no
+    labelled token; a classifier's padding logits are dropped), and how many were padded. Every rank then
+    runs the same number of evaluation batches: FSDP2's forward all-gathers need every rank in every pass."""
+    mine = rows[rank::world]
+    pads = -(-len(rows) // world) - len(mine)
+    if pads and rows:
+        first = rows[0]
+        blank = None if first.token_labels is None else [-100] * len(first.token_labels)
+        mine = mine + [dataclasses.replace(first, key=f"{first.key}#pad", token_labels=blank)] * pads
+    return mine, pads
 
 
 def describe(metrics: dict[str, float]) -> str:

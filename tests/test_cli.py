@@ -200,3 +200,21 @@ def test_help_of_every_command():
     assert set(COMMANDS) <= set(subparsers)
     for name, sub in subparsers.items():
         assert sub.format_help().startswith("usage: "), name
+
+
+def test_predict_into_a_closed_pipe_prints_no_traceback(trained, tmp_path):
+    """`deltatune predict DELTA < many | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    out, _ = trained
+    lines = tmp_path / "many.txt"
+    lines.write_text("".join(f"review number {i} was rather good\n" for i in range(4000)))  # > a pipe's 64 KB
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with open(lines) as stdin:
+        proc = subprocess.Popen([sys.executable, "-m", "deltatune", "predict", str(out)],
+                                stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        first = proc.stdout.readline()
+        proc.stdout.close()  # what `head -1` does after its line
+        stderr = proc.stderr.read().decode()
+        proc.wait(timeout=300)
+    assert first.strip()
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+    assert proc.returncode == 141

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
-from test_cli import run, run_process
+from test_cli import assert_user_error, run, run_process
 
 from deltatune import distributed
 from deltatune.backbone import load_task_model
@@ -68,9 +68,12 @@ def _rank(rank: int, world: int, ports: tuple[int, int], model: str, data: str, 
 
 
 def full_job(model: str, data: str, batch_size: int, fsdp: bool, save_steps: int = 0) -> TrainJob:
+    # 21 validation rows in batches of 5: 11 rows (3 batches) on rank 0, 10 (2 batches) on rank 1 unless
+    # padded; FSDP's all-gathers would wait forever for rank 1's missing third pass
     config = TrainConfig(epochs=1, batch_size=batch_size, lr=3e-3, progress=False, cache="off", fsdp=fsdp,
-                         save_steps=save_steps, keep_checkpoints=10)
-    return TrainJob(method="full", task=load_task(data=data), model=model, pooling="mean", train=config)
+                         save_steps=save_steps, keep_checkpoints=10, eval_batch_size=5)
+    return TrainJob(method="full", task=load_task(data=data, val_size=21), model=model, pooling="mean",
+                    train=config)
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +126,18 @@ def _fresh(model: str):
     return tm.module
 
 
+def test_each_rank_evaluates_as_many_rows_and_padding_scores_nothing():
+    from deltatune.batching import Encoded
+    from deltatune.train import even_share
+
+    rows = [Encoded(key=str(i), input_ids=[5, i], token_type_ids=None, label=None, token_labels=[-100, i])
+            for i in range(7)]
+    shares = [even_share(rows, rank, 3) for rank in range(3)]
+    assert [len(mine) for mine, _ in shares] == [3, 3, 3] and [pads for _, pads in shares] == [0, 1, 1]
+    assert [r.key for r in shares[1][0][:2]] == ["1", "4"]  # rows[rank::world] first, then the padding
+    assert shares[1][0][2].token_labels == [-100, -100] and rows[0].token_labels == [-100, 0]
+
+
 def test_bucketed_all_reduce_splits_by_size_and_dtype():
     params = [torch.zeros(10), torch.zeros(3, dtype=torch.float64), torch.zeros(5)]
     assert [len(b) for b in distributed._buckets(params)] == [1, 1, 1]
@@ -157,6 +172,16 @@ def test_train_nproc_2_starts_torchrun_and_rank_0_writes(tiny_dir, toy_csv, tmp_
     assert proc.stderr.count("global batch 32 = 8 per rank x 2 rank(s) x 2 accumulation step(s)") == 1
     meta = json.loads((out / "delta.json").read_text())
     assert meta["metrics"]["allreduce_bytes_per_step"] == 4 * meta["metrics"]["trainable_params"]
+
+
+def test_a_user_error_in_the_ranks_exits_2_with_its_one_line(tiny_dir, tmp_path):
+    missing = tmp_path / "missing.csv"  # found missing by the ranks (the launcher does not read the data)
+    proc = run_process("train", "--method", "lora", "--model", tiny_dir("bert"), "--data", str(missing),
+                       "--out", str(tmp_path / "o"), "--no-progress", "--nproc", "2")
+    assert_user_error(proc, "missing.csv")  # not torchrun's exit 1 and its ChildFailedError report
+    assert proc.stderr.count("deltatune: error:") == 1  # the launcher prints the ranks' line once
+    assert "exitcode" not in proc.stderr  # nor torchrun's report of the failed rank
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
 @pytest.mark.slow
