@@ -4,7 +4,9 @@ Each (method, length, variant) runs in its own child process: batch 1, a sequenc
 tokens, labels on its second half (the shape of an instruction row), a few optimizer steps.
 
     deltatune   the default training path (bf16 frozen weights where the CPU runs bf16, deltatune's
-                attention: blockwise above the size where P would be large, the chunked LM-head loss)
+                attention: blockwise above the size where P would be large, the chunked LM-head loss,
+                SwiGLU and RMSNorm keeping only their inputs, the freed heap returned to the OS before
+                each step's forward: deltatune/fast/)
     peer        peft's LoRA (r 8, alpha 16, q/v, as deltatune's defaults) on transformers' causal LM,
                 SDPA, inside torch.autocast(bfloat16); for `full`, transformers alone + autocast
 

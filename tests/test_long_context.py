@@ -3,6 +3,9 @@ blockwise attention and chunked LM loss (the frozen-prefix cache, gradient check
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,9 +15,10 @@ from deltatune.caching import FrozenPrefixCache, frozen_prefix_depth
 from deltatune.config import TrainConfig
 from deltatune.errors import UserError
 from deltatune.fast import attention as attention_impl
-from deltatune.fast import blockwise
+from deltatune.fast import blockwise, heap
 from deltatune.fast.lm_loss import IGNORE
 from deltatune.fast.precision import is_projection
+from deltatune.memory import rss_mb
 from deltatune.methods import resolve_method
 from deltatune.train import gradient_checkpointing
 
@@ -217,3 +221,63 @@ def test_the_training_loop_checkpoints_what_auto_chooses(tiny_dir, toy_csv, caps
     err = capsys.readouterr().err
     assert "even with every layer checkpointed" in err and "0 of 2 layers checkpointed" in err
     assert losses[0.001] == pytest.approx(losses[10_000.0], abs=1e-5)
+
+
+def mapped_ranges(path: str) -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of the file `path` (/proc/self/maps)."""
+    ranges = []
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            if line.rstrip().endswith(path):
+                start, end = (int(x, 16) for x in line.split()[0].split("-"))
+                ranges.append((start, end))
+    return ranges
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_the_bf16_path_lets_the_checkpoint_mapping_go(tiny_dir):
+    """A safetensors checkpoint is memory-mapped: while one fp32 norm vector points into the file, the whole
+    file stays resident next to the bf16 copies (513 MB for SmolLM2). After `prepare` no tensor does."""
+    tm, _, _ = lora_model(tiny_dir)
+    file = str(Path(tiny_dir("llama")).resolve() / "model.safetensors")
+
+    def in_file() -> list[str]:
+        ranges = mapped_ranges(file)
+        return [name for name, t in [*tm.module.named_parameters(), *tm.module.named_buffers()]
+                if any(a <= t.untyped_storage().data_ptr() < b for a, b in ranges)]
+
+    assert any("norm" in name for name in in_file())  # loaded memory-mapped
+    before = {name: p.detach().clone() for name, p in tm.module.named_parameters()}
+    fast.prepare(tm, precision="bf16")
+    assert in_file() == []
+    fast.restore(tm)
+    for name, p in tm.module.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+@pytest.mark.skipif(heap._trim() is None, reason="glibc's malloc_trim")
+def test_release_freed_returns_the_holes_a_step_left():
+    big = torch.ones(16 << 20, dtype=torch.uint8)  # freed: glibc's mmap threshold rises to 16 MB
+    del big
+    blocks, pins = [], []
+    for _ in range(32):  # 2 MB blocks from the heap, each followed by a live one
+        blocks.append(torch.ones(2 << 20, dtype=torch.uint8))
+        pins.append(torch.ones(1 << 18))  # 1 MB
+    del blocks  # 64 MB of holes between live tensors: freed, still resident
+    before = rss_mb()
+    assert heap.release_freed()
+    assert before - rss_mb() > 32
+    assert all(bool((p == 1).all()) for p in pins)
+
+
+def test_each_long_training_forward_on_the_cpu_first_releases_the_freed_heap(tiny_dir, monkeypatch):
+    calls = []
+    monkeypatch.setattr(fast, "release_freed", lambda: calls.append(1) or heap.release_freed())
+    tm, _, _ = lora_model(tiny_dir)
+    fast.prepare(tm, precision="bf16")
+    forward = fast.training_forward(tm)
+    for width, n in ((fast.RELEASE_MIN_WIDTH, 1), (fast.RELEASE_MIN_WIDTH, 2), (12, 2)):  # short rows: no trim
+        ids = torch.randint(5, 90, (1, width))
+        forward({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}).loss.backward()
+        assert len(calls) == n
+    fast.restore(tm)

@@ -6,11 +6,15 @@
         ├─ dropout      the backbone's own dropout layers set to --dropout (auto: 0, see README)
         ├─ precision    --precision bf16: frozen weights in a bf16 storage (storage.py), trainable ones fp32
         ├─ fused q/k/v  frozen q, k, v projections of a layer as one matmul (fused.py)
+        ├─ SwiGLU       a gated MLP's silu(gate) ⊙ up keeps only gate and up for backward (swiglu.py)
+        ├─ RMSNorm      keeps its bf16 input, not an fp32 copy, and reruns in backward (recompute.py)
         ├─ attention    --attention auto: explicit matmul + fp32 softmax on the CPU (blockwise, keeping no
         │               T x T probabilities, when they would be large), SDPA on CUDA
         ├─ LM loss      generation: the LM head + cross-entropy over chunks of the labelled positions only
         │               (lm_loss.py); --attention model keeps transformers' own head and loss
-        └─ compile      --compile: torch.compile of the training forward (widths padded to buckets)
+        ├─ compile      --compile: torch.compile of the training forward (widths padded to buckets)
+        └─ heap         on the CPU each training forward first returns the heap freed by the step
+                        before to the OS (heap.py: glibc's malloc_trim)
         │
     train_model(...)                         unchanged: AdamW on the fp32 trainable parameters
         │
@@ -37,8 +41,11 @@ from deltatune.errors import UserError
 from deltatune.evaluate import forward_batch
 from deltatune.fast import attention as attention_impl
 from deltatune.fast.fused import fuse_qkv, unfuse
+from deltatune.fast.heap import release_freed
 from deltatune.fast.lm_loss import deferrable_head, with_deferred_head
 from deltatune.fast.precision import PRECISIONS, resolve_precision, to_bf16_compute
+from deltatune.fast.recompute import recompute_rms_norms, restore_norms
+from deltatune.fast.swiglu import fuse_swiglu, unfuse_swiglu
 
 DEFAULT_DROPOUT = 0.0
 """What --dropout auto means (measured on rotten-tomatoes, README "Fast path"): no validation loss."""
@@ -59,6 +66,10 @@ class FastPath:
     """'chunked' (generation: the head and loss over chunks of the labelled positions) or 'model'."""
     fused_layers: int = 0
     """Layers whose frozen q/k/v projections run as one matmul."""
+    swiglu_mlps: int = 0
+    """Gated MLPs whose silu(gate) ⊙ up keeps only its inputs for backward (swiglu.py)."""
+    recomputed_norms: int = 0
+    """RMSNorms that keep only their input for backward and rerun in it (recompute.py)."""
     bf16_modules: int = 0
     bf16_mb: float = 0.0
     untouched: list[str] = field(default_factory=list)
@@ -125,6 +136,13 @@ def prepare(task_model: TaskModel, precision: str = "auto", attention: str = "au
         members = fuse_qkv(task_model)
         info.fused_layers = len(members) // 3
         info._undo.append(lambda: unfuse(members))
+        mlps = fuse_swiglu(task_model.module)
+        info.swiglu_mlps = len(mlps)
+        info._undo.append(lambda: unfuse_swiglu(mlps))
+    if resolved == "bf16":  # an fp32 stream: the norm's fp32 copy is its input, nothing to save
+        norms = recompute_rms_norms(task_model.module, task_model.loaded_modules)
+        info.recomputed_norms = len(norms)
+        info._undo.append(lambda: restore_norms(norms))
     info.attention, previous = attention_impl.set_attention(task_model.module,
                                                             attention_impl.resolve(attention, device))
     info._undo.append(lambda: attention_impl.reset_attention(task_model.module, previous))
@@ -194,5 +212,25 @@ def training_forward(task_model: TaskModel, cache=None) -> Callable[[dict], Any]
             return compiled(**inputs)
 
     if on and info.lm_loss == "chunked":  # only the loss is needed: no (T, vocab) logits
-        return with_deferred_head(forward, task_model.module)
+        forward = with_deferred_head(forward, task_model.module)
+    if on and task_model.device().type == "cpu":
+        forward = with_released_heap(forward)
     return forward
+
+
+RELEASE_MIN_WIDTH = 512
+"""Rows at least this long release the freed heap before their step (long sequences: where the holes are
+hundreds of MB and the trim's ~0.2-0.6 s is a few % of a step); shorter rows skip it (a 128-token step
+takes well under a second, and its holes are small)."""
+
+
+def with_released_heap(forward: Callable[[dict], Any]) -> Callable[[dict], Any]:
+    """A training forward that first returns the heap the previous step freed to the OS (heap.py) when its
+    rows are long: the peak of every step is then that of the first, not the first's plus the holes it left."""
+
+    def released(batch: dict):
+        if batch["input_ids"].shape[-1] >= RELEASE_MIN_WIDTH:
+            release_freed()
+        return forward(batch)
+
+    return released
