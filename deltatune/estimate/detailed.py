@@ -177,7 +177,16 @@ def attention_block(tape: Tape, x: Act, shapes: ModelShapes, layer: LayerDelta, 
 def ffn_block(tape: Tape, x: Act, shapes: ModelShapes, layer: LayerDelta, run: RunSettings) -> Act:
     """FFN: down(act(up(x))) or, for Llama, SwiGLU down(silu(gate(x)) · up(x)); each intermediate is a
     temporary that dies once its consumer has run (BERT's activated output lives until its output block returns)."""
-    if shapes.family == "llama":
+    if shapes.family == "llama" and run.attention == "deltatune":  # fast/swiglu.py: keeps gate and up only
+        gate = projection(tape, x, "gate", shapes, layer, run)
+        up = projection(tape, x, "up", shapes, layer, run)
+        activated = tape.new(gate.derived(f"{gate.name}.silu"))          # a temporary of the fused forward
+        hidden = tape.new(Act("gated", x.rows, shapes.intermediate, gate.itemsize, gate.grad or up.grad))
+        if gate.grad or up.grad:
+            tape.keep(gate)
+            tape.keep(up)
+        tape.free(activated, gate, up)
+    elif shapes.family == "llama":
         gate = projection(tape, x, "gate", shapes, layer, run)
         activated = tape.activation(gate, "silu")
         tape.free(gate)
@@ -202,8 +211,8 @@ def layer_forward(tape: Tape, x: Act, shapes: ModelShapes, layer: LayerDelta, ru
     tape.new(x)
 
     def norm(t: Act, name: str) -> Act:
-        if shapes.family == "llama":
-            return tape.rms_norm(t, name, layer.all_weights)
+        if shapes.family == "llama":  # the fast path's bf16 norms rerun in backward (fast/recompute.py)
+            return tape.rms_norm(t, name, layer.all_weights, recompute=run.attention == "deltatune" and t.itemsize == 2)
         return tape.layer_norm(t, name, norm_trains)
 
     def branch_out(branch: Act, skip: Act, name: str) -> Act:

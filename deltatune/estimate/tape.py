@@ -173,8 +173,12 @@ class Tape:
             self.keep(x.derived(f"{name}.mean_rstd", width=2, itemsize=4))
         return out
 
-    def rms_norm(self, x: Act, name: str, weight_trains: bool) -> Act:
-        """LlamaRMSNorm: w · (x_fp32 · rsqrt(mean(x_fp32²) + ε)).to(dtype)."""
+    def rms_norm(self, x: Act, name: str, weight_trains: bool, recompute: bool = False) -> Act:
+        """LlamaRMSNorm: w · (x_fp32 · rsqrt(mean(x_fp32²) + ε)).to(dtype). `recompute` (the fast path's bf16
+        norms, fast/recompute.py): the same forward temporaries, but it keeps only x and reruns in backward."""
+        if recompute and x.grad:
+            self.keep(x)
+            return self.rms_norm(x.derived(x.name, grad=False), name, weight_trains=False).derived(name, grad=True)
         upcast = x if x.itemsize == 4 else self.new(x.derived(f"{x.name}.fp32", itemsize=4))
         squares = self.new(upcast.derived(f"{name}.squares"))   # pow(2), reduced by mean
         self.free(squares)
