@@ -7,6 +7,11 @@ checkpoint is read, then quantised layer by layer), what stays resident after lo
 of two training steps; with the weights' share: the bytes the model's tensors and storages hold.
 
     .venv/bin/python benchmarks/qlora.py [--batch 8] [--seq 256] [--rounds 3] [--threads 2] [--no-peer]
+        [--variants nf4,bf16] [--no-memory]
+
+The bf16 matmul peak (an (N x 576) x (576 x 2304) matmul, N = batch x seq: the FFN's shape) is printed at the
+start and at the end: both variants' steps are mostly such matmuls, so a speed ratio is bounded by how much of
+a step is not matmul.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from harness import machine_note, memory_in_child, time_interleaved  # noqa: E402
+from harness import cpu_model, machine_note, memory_in_child, time_interleaved  # noqa: E402
 
 from deltatune.backbone import load_task_model, resolve_model_path  # noqa: E402
 from deltatune.memory import PeakMemory, rss_mb  # noqa: E402
@@ -29,10 +34,24 @@ from deltatune.methods import resolve_method  # noqa: E402
 from deltatune.train import build_optimizer  # noqa: E402
 
 VARIANTS = {"fp32": (None, "fp32"), "bf16": (None, "bf16"), "int8": ("int8", "bf16"), "nf4": ("nf4", "bf16"),
-            "2bit": ("2bit", "bf16")}
-"""deltatune variant -> (--quantize, --precision)."""
+            "2bit": ("2bit", "bf16"), "bf16-unfused": (None, "bf16")}
+"""deltatune variant -> (--quantize, --precision); `-unfused`: without the fast path's fused q/k/v."""
+DEFAULT_VARIANTS = "fp32,bf16,int8,nf4,2bit"
 PEER = "peft+bnb nf4"
 LR = 1e-4
+
+
+def bf16_peak(rows: int, hidden: int = 576, seconds: float = 2.0) -> float:
+    """GFLOP/s of a bf16 (rows x hidden) @ (hidden x 4 hidden) matmul on this thread count."""
+    import time
+
+    a, b = torch.randn(rows, hidden).bfloat16(), torch.randn(hidden, 4 * hidden).bfloat16()
+    a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * rows * hidden * 4 * hidden * count / (time.perf_counter() - start) / 1e9
 
 
 def fixed_batch(vocab: int, batch: int, seq: int) -> dict:
@@ -69,7 +88,7 @@ def deltatune_builder(name: str, args, report: dict):
         tm = load_task_model("smollm2", 0, pooling="lm", quantize=quantize, precision=precision)
         method, config = resolve_method("lora")
         method.apply(tm, config)
-        prepare(tm, precision=precision)  # as train does: bf16 storages, attention, chunked LM loss
+        prepare(tm, precision=precision, fuse=not name.endswith("-unfused"))  # as train does
         report[name] = {"weights_mb": stored_mb(tm.module), **({"quantization": tm.quantization} if quantize else {})}
         forward = training_forward(tm)
         optimizer = build_optimizer(tm.module, LR, 0.01)
@@ -81,8 +100,18 @@ def deltatune_builder(name: str, args, report: dict):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
+        report[name]["gflop"] = step_gflop(step)
         return step
     return build
+
+
+def step_gflop(step) -> float:
+    """FLOPs of one step (torch's counter: every matmul, the quantised ones' included), in GFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops() / 1e9
 
 
 def peer_builder(args, report: dict):
@@ -110,7 +139,7 @@ def peer_builder(args, report: dict):
 
 
 def builders(args, report: dict) -> dict:
-    found = {name: deltatune_builder(name, args, report) for name in VARIANTS}
+    found = {name: deltatune_builder(name, args, report) for name in args.variants}
     if args.peer:
         found[PEER] = peer_builder(args, report)
     return found
@@ -123,10 +152,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="deltatune variants, comma-separated")
+    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="peak memory of each variant in a child process (--no-memory: speed only)")
     parser.add_argument("--memory-child", default=None)
     args = parser.parse_args()
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
     torch.set_num_threads(args.threads)
-    flags = ["--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]
+    flags = ["--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads),
+             "--variants", ",".join(args.variants)]
     if args.memory_child:  # loading (fp32 weights read, then quantised) and the steps, apart
         report: dict = {}
         baseline = rss_mb()
@@ -140,27 +177,33 @@ def main() -> None:
                           "step_peak_mb": steps.peak_mb - baseline, **report[args.memory_child]}))
         return
     note = machine_note()
+    peak = bf16_peak(args.batch * args.seq)
     report = {}
-    memory = {name: memory_in_child(__file__, name, flags) for name in builders(args, report)}
+    memory = {name: memory_in_child(__file__, name, flags) if args.memory else {} for name in builders(args, report)}
     seconds = time_interleaved(builders(args, report), rounds=args.rounds, steps=1, warmup=1)
     tokens = args.batch * args.seq
-    print(f"# LoRA step (r 8, q/v), SmolLM2-135M generation, batch {args.batch} x {args.seq}; {note}")
-    print("| variant | step s | tokens/s | step peak MB | weights MB (share of step peak) "
-          "| quantised layers MB (vs 16-bit) | resident after load MB | load peak MB | speed vs peer |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    end_peak = bf16_peak(tokens)
+    print(f"# LoRA step (r 8, q/v), SmolLM2-135M generation, batch {args.batch} x {args.seq}; {note}; "
+          f"{cpu_model()}; bf16 matmul peak {peak:.0f} GFLOP/s at the start, {end_peak:.0f} at the end, "
+          f"load average at the end {os.getloadavg()[0]:.2f}")
+    print("| variant | step s | tokens/s | GFLOP/step | % of bf16 matmul peak | step peak MB | weights MB (share "
+          "of step peak) | quantised layers MB (vs 16-bit) | resident after load MB | load peak MB | speed vs peer |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     peer = seconds.get(PEER)
+    same_model = max((r.get("gflop", 0.0) for r in report.values()), default=0.0)  # the peer's own is not counted
+    mean_peak = (peak + end_peak) / 2
     for name, s in seconds.items():
-        mem = memory[name]
-        if "error" in mem:
-            print(f"| {name} | {s:.2f} | {tokens / s:,.0f} | error: {mem['error']} | | | | | |")
+        mem, gflop = memory[name], report.get(name, {}).get("gflop", same_model)
+        vs = f"{peer / s:.2f}x" if peer and name != PEER else "–"
+        work = f"{gflop:.0f} | {gflop / s / mean_peak:.0%}"
+        if not mem or "error" in mem:
+            print(f"| {name} | {s:.2f} | {tokens / s:,.0f} | {work} | {mem.get('error', '–')} | | | | | {vs} |")
             continue
         q = mem.get("quantization")
         layers = f"{q['quantized_mb']:.1f} ({q['quantized_mb'] / q['bf16_mb']:.2f}x)" if q else "–"
-        vs = f"{peer / s:.2f}x" if peer and name != PEER else "–"
-        print(f"| {name} | {s:.2f} | {tokens / s:,.0f} | {mem['step_peak_mb']:.0f} | {mem['weights_mb']:.0f} "
+        print(f"| {name} | {s:.2f} | {tokens / s:,.0f} | {work} | {mem['step_peak_mb']:.0f} | {mem['weights_mb']:.0f} "
               f"({mem['weights_mb'] / mem['step_peak_mb']:.0%}) | {layers} | {mem['loaded_mb']:.0f} "
               f"| {mem['load_peak_mb']:.0f} | {vs} |")
-
 
 if __name__ == "__main__":
     main()

@@ -51,7 +51,8 @@ def generate(delta: str, prompts: list[str] = (), *, max_new_tokens: int = 64, s
     return 0
 
 
-def import_peft(peft_dir: str, out: str, *, model: str | None = None, labels: str | None = None) -> int:
+def import_peft(peft_dir: str, out: str, *, model: str | None = None, labels: str | None = None,
+                quantize: str | None = None) -> int:
     """Import a peft adapter directory (adapter_config.json + adapter_model.safetensors) as a delta.
 
     Args:
@@ -62,12 +63,15 @@ def import_peft(peft_dir: str, out: str, *, model: str | None = None, labels: st
         model: Backbone folder or alias, if not the adapter's base_model_name_or_path.
         labels: Comma-separated label names for a classifier, when the peft directory has no
             config.json with id2label (default: label_0..K-1).
+        quantize: The quantisation the adapter was trained on (a peft QLoRA adapter: the base loaded with
+            BitsAndBytesConfig, 4-bit nf4 -> nf4, fp4 -> fp4, 8-bit -> int8); the delta records that quantised
+            backbone. Default: none (the base as stored).
     """
     from deltatune.io import claim_output
     from deltatune.peft_format import import_peft as run_import
 
     claim_output(out, "delta")
-    run_import(peft_dir, out, model=model, labels=labels)
+    run_import(peft_dir, out, model=model, labels=labels, quantize=quantize)
     print(f"wrote {out} (delta imported from {peft_dir})")
     return 0
 

@@ -61,7 +61,11 @@ class NF4Weight(QuantizedWeight):
                 "nested_absmax": state.state2.absmax, "nested_code": state.state2.code}
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (..., in) -> (..., out) in x's dtype; bitsandbytes' 4-bit matmul (backward: dx only)
+        # x: (..., in) -> (..., out) in x's dtype. One row (decoding): bitsandbytes' fused 4-bit matrix-
+        # vector kernel; more rows: dequantise to the compute dtype and multiply (QuantizedWeight.linear,
+        # what bitsandbytes' own matmul_4bit does there too, with less per-call overhead)
+        if x.numel() != x.shape[-1] or x.requires_grad:
+            return super().linear(x)
         bias = self.source.bias
         out = bnb.matmul_4bit(x.to(self.dtype), self.source.weight.t(), quant_state=self._state(),
                               bias=None if bias is None else bias.to(self.dtype))

@@ -11,8 +11,7 @@ an input computes all three outputs; the other two take theirs if they are calle
 tensor, else (cross-attention, a changed input) they compute their own slice alone. Only frozen
 projections fuse: a trainable weight (full fine-tuning) keeps its own parameter. A fused member computes
 through a `FusedSlice` storage (deltatune/storage.py); the group's matmul through a storage of the
-members' kind, so fp32 and bf16 fuse alike; quantised members (--quantize) keep their packed weights and the
-group dequantises and stacks them per call (`storage.QuantizedStack`).
+members' kind, so fp32 and bf16 fuse alike.
 """
 
 from __future__ import annotations
@@ -32,12 +31,6 @@ class FusedGroup:
 
     def __init__(self, members: list[nn.Linear]):
         self.sizes = [m.out_features for m in members]
-        self._input: torch.Tensor | None = None
-        self._outputs: tuple[torch.Tensor, ...] = ()
-        self._pending: set[int] = set()
-        if storage.is_quantized(members[0]):  # --quantize: the members keep their packed weights
-            self.storage = storage.QuantizedStack([storage.storage_of(m) for m in members])
-            return
         weight = torch.cat([m.weight.detach() for m in members])  # (Σ out, in)
         biases = [m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features) for m in members]
         bias = torch.cat(biases) if any(m.bias is not None for m in members) else None  # (Σ out,)
@@ -47,6 +40,9 @@ class FusedGroup:
             if m.bias is not None:
                 m.bias.data = bias[start:start + size]
         self.storage = type(storage.storage_of(members[0]))(SimpleNamespace(weight=weight, bias=bias), False)
+        self._input: torch.Tensor | None = None
+        self._outputs: tuple[torch.Tensor, ...] = ()
+        self._pending: set[int] = set()
 
     def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
         # x: (B, T, in) -> (B, T, sizes[index])
@@ -97,7 +93,8 @@ def fuse_qkv(task_model: TaskModel) -> list[tuple[nn.Linear, storage.FrozenWeigh
     fused: list[tuple[nn.Linear, storage.FrozenWeight | None]] = []
     for layer in task_model.layers():
         members = [base_linear(layer.get_submodule(path)) for path in (arch.query, arch.key, arch.value)]
-        if not all(isinstance(m, nn.Linear) and m in task_model.loaded_modules for m in members):
+        if not all(isinstance(m, nn.Linear) and m in task_model.loaded_modules and not storage.is_quantized(m)
+                   for m in members):  # a quantised projection computes through its own storage
             continue
         params = [p for m in members for p in m.parameters(recurse=False)]
         if any(p.requires_grad for p in params) or len({p.dtype for p in params}) != 1 \
