@@ -28,6 +28,7 @@ from deltatune.caching import FrozenPrefixCache
 from deltatune.data import Example
 from deltatune.errors import UserError
 from deltatune.evaluate import autocast_for, forward_batch
+from deltatune.fast.lm_loss import chunked_lm_loss, defer_lm_head, deferrable_head
 from deltatune.rendering import IGNORE, SEPARATOR, Fitter, Message, encode_turns, prompt_ids, segments
 
 __all__ = ["IGNORE", "SEPARATOR", "answer_ids", "encode_lm", "evaluate_lm", "generate_texts", "prompt_ids"]
@@ -75,6 +76,28 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[
     return nll.item(), int((labels != IGNORE).sum())
 
 
+def batch_nll(task_model: TaskModel, batch: dict, cache: FrozenPrefixCache | None) -> tuple[float, int]:
+    """(summed negative log-likelihood, scored tokens) of a batch. A causal LM's head runs over the labelled
+    positions only, in chunks (fast/lm_loss.py), so evaluation never holds (B, T, vocab) logits: 8 rows of
+    2,048 tokens of SmolLM2 would be 3.2 GB of fp32 logits, and as much again for their log-softmax."""
+    module = task_model.module
+    head = deferrable_head(module)
+    if head is None:  # encoder-decoders, custom heads: the model's own logits
+        logits = forward_batch(task_model, batch, cache).logits
+        return token_nll(logits, batch["labels"], shift=not is_seq2seq(task_model))
+    undo = defer_lm_head(module)
+    try:  # without labels: the model computes no loss, and `logits` are the (B, T, H) hidden states
+        hidden = forward_batch(task_model, {k: v for k, v in batch.items() if k != "labels"}, cache).logits
+    finally:
+        undo()
+    scored = int((batch["labels"][:, 1:] != IGNORE).sum())
+    if scored == 0:
+        return 0.0, 0
+    bias = head.bias.detach() if head.bias is not None else None
+    mean = chunked_lm_loss(hidden, batch["labels"], head.weight.detach(), bias)
+    return mean.item() * scored, scored
+
+
 @torch.no_grad()
 def evaluate_lm(task_model: TaskModel, rows: list[Encoded], batch_size: int = 64, precision: str = "fp32",
                 cache: FrozenPrefixCache | None = None) -> dict[str, float]:
@@ -89,8 +112,7 @@ def evaluate_lm(task_model: TaskModel, rows: list[Encoded], batch_size: int = 64
         for idx in eval_batches([len(r.input_ids) for r in rows], min(batch_size, LM_EVAL_BATCH)):
             batch = collate([rows[i] for i in idx], task_model.tokenizer.pad_token_id, device)
             with autocast_for(device, precision):
-                logits = forward_batch(task_model, batch, cache).logits
-            nll, tokens = token_nll(logits, batch["labels"], shift=not is_seq2seq(task_model))
+                nll, tokens = batch_nll(task_model, batch, cache)
             total_nll, total_tokens = total_nll + nll, total_tokens + tokens
     finally:
         module.train(was_training)

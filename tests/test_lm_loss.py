@@ -112,3 +112,29 @@ def test_the_training_path_uses_the_chunked_loss_with_the_same_gradients(tiny_di
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     fast.restore(tm)
     assert fast.prepare_for_training(tm, TrainConfig(attention="model")).lm_loss == "model"
+
+
+@pytest.mark.parametrize("kind,method", [("llama", "lora"), ("gpt2", "prompt"), ("llama", "prefix"), ("t5", "lora")])
+def test_evaluation_loss_through_the_chunked_head_equals_the_full_logits(tiny_dir, kind, method):
+    """`evaluate_lm` never holds (B, T, vocab) logits, and scores what the model's own logits score."""
+    from test_decoding import lm_model
+
+    from deltatune.batching import collate
+    from deltatune.evaluate import forward_batch
+    from deltatune.generation import batch_nll, token_nll
+
+    tm = lm_model(tiny_dir, kind, method)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 90, (3, 10), generator=g)
+    labels = ids.clone()
+    labels[:, :4] = IGNORE
+    labels[1] = IGNORE  # a row with nothing to score
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    if kind == "t5":
+        batch["decoder_input_ids"] = ids  # the seq2seq collate's shape: targets as labels
+    with torch.no_grad():
+        expected = token_nll(forward_batch(tm, batch).logits, labels, shift=kind != "t5")
+        nll, tokens = batch_nll(tm, batch, None)
+    assert tokens == expected[1] > 0
+    assert nll == pytest.approx(expected[0], rel=1e-5)
+    assert collate  # the rows evaluate_lm collates are the batches above
