@@ -201,24 +201,31 @@ def test_rows_of_two_tasks_and_bare_rows_each_get_their_own_output(name):
                 torch.testing.assert_close(out[row], want, atol=1e-5, rtol=1e-5)
 
 
-def test_vera_and_loha_rows_share_lora_s_table():
+def test_loha_rows_share_lora_s_table_and_vera_passes_its_projections_once():
     base = frozen_linear()
     lora_site = LoRALinear(base, 2, 4.0, 0.0)
-    others = [small_layers(base)[n] for n in ("vera", "loha")]
-    for i, site in enumerate([lora_site, *others]):
+    loha, vera = (small_layers(base)[n] for n in ("loha", "vera"))
+    for i, site in enumerate([lora_site, loha, vera]):
         randomise(site, seed=i)
-    assert {s.row_key() for s in [lora_site, *others]} == {"lora"}
+    assert lora_site.row_key() == loha.row_key() == "lora" and vera.row_key().startswith("vera:")
     router = RowRouter(base, "lora", LoRALinear)
-    for task, site in zip(("lora", "vera", "loha"), [lora_site, *others]):
+    for task, site in (("lora", lora_site), ("loha", loha)):
         router.add(task, site)
     x = torch.randn(4, 3, 12)
-    tasks = ["loha", "vera", None, "lora"]
+    tasks = ["loha", None, "lora", "loha"]
     with torch.no_grad():
         router.begin(tasks)
         out = router(x)
         for row, task in enumerate(tasks):
-            site = base if task is None else [lora_site, *others][("lora", "vera", "loha").index(task)]
+            site = {"lora": lora_site, "loha": loha, None: base}[task]
             torch.testing.assert_close(out[row], site(x[row]), atol=1e-5, rtol=1e-5)
+    router = RowRouter(base, vera.row_key(), type(vera))
+    router.add("v1", vera)
+    router.add("v2", vera)
+    with torch.no_grad():
+        router.begin(["v1", "v2", None])
+    shared_a = router.rows.tensors[0]
+    assert shared_a.shape == vera.vera_A.shape and shared_a.data_ptr() == vera.vera_A.data_ptr()  # not stacked
 
 
 # ---- peft parity --------------------------------------------------------------------------------------------

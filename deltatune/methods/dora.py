@@ -58,11 +58,11 @@ def dora_output(out: torch.Tensor, bias: torch.Tensor | None, update: torch.Tens
     return result if bias is None else result + bias
 
 
-def frozen_weight(inner: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(W0 (d, k), bias) of the frozen Linear / Conv1D under `inner` (through the serve engine's routers)."""
+def frozen_bias(inner: nn.Module) -> torch.Tensor | None:
+    """The bias of the frozen Linear / Conv1D under `inner` (through the serve engine's routers)."""
     while not isinstance(inner, nn.Linear) and type(inner).__name__ != "Conv1D":
         inner = inner.inner
-    return dense_weight(inner), inner.bias
+    return inner.bias
 
 
 class DoRALinear(LoRALinear):
@@ -91,23 +91,23 @@ class DoRALinear(LoRALinear):
     # ---- per row (RowSite) ----------------------------------------------------------------------------
 
     ROW_FILL = (0.0, 0.0, 0.0, 1.0)
-    """A = B = 0, s = 0, m = 1 (rows without DoRA here are not computed: they pass through)."""
+    """A = B = 0, s = 0, m / n = 1 (rows without DoRA here are not computed: they pass through)."""
 
     def row_key(self) -> str:
         return "dora"
 
     def row_payload(self) -> tuple[torch.Tensor, ...]:
+        """LoRA's payload and m / n (d,): a served delta is frozen, so its norm is computed once, here."""
         a, b, scale = super().row_payload()
-        return a, b, scale, self.lora_magnitude_vector[self.active_adapter].detach()  # ..., (d,)
+        return a, b, scale, self.ratio(self.active_adapter).detach()  # ..., (d,)
 
     @staticmethod
     def row_forward(key: str, inner: nn.Module, rows: Rows, x: torch.Tensor) -> torch.Tensor:
-        """The training forward on the rows with DoRA here: A, B, s, m one task's or gathered per row."""
-        a, b, scale, magnitude = rows.tensors  # (r, k), (d, r), (), (d,) or (H, r, k), (H, d, r), (H,), (H, d)
-        w, bias = frozen_weight(inner)
+        """The training forward on the rows with DoRA here: A, B, s, m / n one task's or gathered per row."""
+        a, b, scale, ratio = rows.tensors  # (r, k), (d, r), (), (d,) or (H, r, k), (H, d, r), (H,), (H, d)
+        bias = frozen_bias(inner)
         out = inner(x)  # (B, T, d)
         s = scale.view(-1, 1) if rows.batched else scale  # (H, 1) or ()
-        ratio = magnitude / row_norms(w, a, b, s)  # (d,) or (H, d)
         update = lora_update(rows.take(x).to(a.dtype), a, b, s.unsqueeze(-1))  # (H, T, d)
         mixed = dora_output(rows.take(out).to(a.dtype), bias, update, ratio.unsqueeze(-2) if rows.batched else ratio)
         return rows.put(out, mixed.to(out.dtype))

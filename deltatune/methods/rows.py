@@ -20,7 +20,8 @@ class Rows:
     tensors: tuple[torch.Tensor, ...]
     hit: torch.Tensor | None = None
     batched: bool = False
-    """True: tensors are gathered per row (first dimension H); False: one task's, for each hit row."""
+    """True: tensors are gathered per row (first dimension H; but a site's shared tensors, ROW_FILL None, come
+    once, as they are); False: one task's, for each hit row."""
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, ...) -> the hit rows (H, ...)."""
@@ -50,14 +51,15 @@ class RowSite(typing.Protocol):
     can also run a batch whose rows carry different tasks' deltas, or none. Its class offers, beside
     its training forward:
 
-        ROW_FILL      per payload tensor, the value of a row without this delta (the identity)
+        ROW_FILL      per payload tensor, the value of a row without this delta (the identity); None: the
+                      tensor is the same for every task of this row key (passed once, never stacked)
         row_key()     sites with equal keys batch together: same payload layout and row_forward
         row_payload() this task's tensors here, detached; the engine stacks them per key (zero-padded)
         row_forward(key, inner, rows, *args, **kwargs)   (a staticmethod) the frozen `inner` module's
                       call with the deltas of `rows` applied: the same math as the training forward
     """
 
-    ROW_FILL: tuple[float, ...]
+    ROW_FILL: tuple[float | None, ...]
 
     def row_key(self) -> str: ...
 

@@ -26,6 +26,7 @@ from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
 from deltatune.methods.base import SiteEstimate, linear_dims, unwrap_layers
 from deltatune.methods.lora import LowRankSite, Placement, adapt, adapted_names, fold_low_rank
+from deltatune.methods.rows import Rows
 from deltatune.options import option
 
 NAME = "vera"
@@ -72,11 +73,37 @@ class VeRALinear(LowRankSite):
         self.vera_lambda_b = nn.ParameterDict({name: nn.Parameter(torch.zeros(self.out_features, device=device))})
         self.lora_dropout = nn.ModuleDict({name: nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()})
         self.scaling = {name: 1.0}  # the vectors scale: s = 1
+        self.projection_key = (config.r, config.projection_prng_key)  # equal keys: equal vera_A, vera_B here
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(Λ_d A (r, k), Λ_b B (d, r)): VeRA's update as LoRA factors."""
         d, b = self.vera_lambda_d[name], self.vera_lambda_b[name]  # (r,), (d,)
         return d[:, None] * self.vera_A.to(d.dtype), b[:, None] * self.vera_B.to(b.dtype)
+
+
+    # ---- per row (RowSite): the frozen projections once for every VeRA task, the vectors per row ----------
+
+    ROW_FILL = (None, None, 0.0, 0.0)
+    """A, B: shared by every task of the row key (never stacked); Λ_d = Λ_b = 0: no update."""
+
+    def row_key(self) -> str:
+        return "vera:{}:{}".format(*self.projection_key)
+
+    def row_payload(self) -> tuple[torch.Tensor, ...]:
+        name = self.active_adapter
+        return (self.vera_A, self.vera_B, self.vera_lambda_d[name].detach(),  # (r, k), (d, r), (r,)
+                self.vera_lambda_b[name].detach())  # (d,)
+
+    @staticmethod
+    def row_forward(key: str, inner: nn.Module, rows: Rows, x: torch.Tensor) -> torch.Tensor:
+        """h = W0 x + Λ_b,row B Λ_d,row A x: two dense matmuls with the shared A, B for every VeRA row (a
+        LoRA-style per-row gather of rank-r factors would copy (H, r, k) for r = 256), the vectors per row."""
+        a, b, lambda_d, lambda_b = rows.tensors  # (r, k), (d, r), (r,) or (H, r), (d,) or (H, d)
+        out = inner(x)  # (B, T, d)
+        if rows.batched:
+            lambda_d, lambda_b = lambda_d.unsqueeze(-2), lambda_b.unsqueeze(-2)  # (H, 1, r), (H, 1, d)
+        z = (rows.take(x).to(a.dtype) @ a.t()) * lambda_d  # (H, T, r)
+        return rows.add(out, ((z @ b.t()) * lambda_b).to(out.dtype))  # (H, T, d)
 
 
 def apply(task_model: TaskModel, config: Config) -> None:

@@ -10,7 +10,8 @@ the same for every method:
     row tasks    [sentiment, q&a, sentiment, translate]                            B = 4
     tables       per router: one (1 + N, ...) table per payload tensor, row 0 the site's identity
                  (ROW_FILL), row i task i's tensor zero-padded (`stack_padded`); rebuilt when a task
-                 comes or goes
+                 comes or goes; a tensor whose ROW_FILL is None is the same for every task of the
+                 key (VeRA's shared projections) and is passed once, never stacked
     gather       table[index of each row's task], only for the rows with a delta here (`Rows.hit`)
     soft tokens  [x_<at ; P_b ; x_≥at ; pad]          inputs_embeds, each row right-padded, mask
     (ROW_INPUT 'soft_tokens')                        marks its n_b + T_b positions
@@ -113,7 +114,7 @@ class RowRouter(nn.Module):
         self.key = key
         self.kind = kind
         self.entries: dict[str, tuple[torch.Tensor, ...]] = {}
-        self.tables: list[torch.Tensor] | None = None
+        self.tables: list[torch.Tensor | None] | None = None
         self.index: dict[str, int] = {}
         self.rows: Rows | None = None
         """This batch's tensors (None: no row has a delta here, the inner module runs alone)."""
@@ -141,13 +142,16 @@ class RowRouter(nn.Module):
         if self.tables is None:
             self.index = {t: i for i, t in enumerate(self.entries, 1)}
             columns = zip(*self.entries.values())
-            self.tables = [stack_padded(list(c), fill) for c, fill in zip(columns, self.kind.ROW_FILL)]
+            self.tables = [None if fill is None else stack_padded(list(c), fill)  # None: one tensor for all
+                           for c, fill in zip(columns, self.kind.ROW_FILL)]
         rows = torch.tensor([self.index.get(t, 0) for t in row_tasks], device=device)  # (B,)
         hit = None
         if any(t not in self.entries for t in row_tasks):
             hit = rows.nonzero().flatten()  # (H,)
             rows = rows[hit]
-        self.rows = Rows(tuple(table[rows] for table in self.tables), hit, batched=True)
+        first = self.entries[present[0]]
+        self.rows = Rows(tuple(first[i] if table is None else table[rows] for i, table in enumerate(self.tables)),
+                         hit, batched=True)
 
     def end(self) -> None:
         self.rows = None
