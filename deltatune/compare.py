@@ -62,8 +62,8 @@ def aggregate(runs: list[dict]) -> dict:
         values = [r.get(key) for r in runs]
         numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
         row[key] = statistics.fmean(values) if numeric and key != "trainable_params" else value
-        if numeric and key in QUALITY:
-            row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        if numeric and key in QUALITY and len(values) > 1:  # one seed has no spread to report (not "± 0")
+            row[f"{key}_std"] = statistics.stdev(values)
     return {**row, "seeds": [r.get("seed") for r in runs], "runs": runs}
 
 

@@ -24,6 +24,8 @@ def test_a_row_over_seeds_holds_means_stds_and_each_run():
     assert row["trainable_params"] == 100 and row["precision"] == "fp32" and "seed" not in row
     assert row["seeds"] == [0, 1, 2] and row["runs"] == RUNS
     assert "| 0.8300 ± 0.0265 |" in markdown_table([row])
+    one = aggregate(RUNS[:1])  # one seed: its value, no "± 0"
+    assert "accuracy_std" not in one and "| 0.8000 |" in markdown_table([one])
 
 
 def test_seeds_are_checked():
