@@ -233,11 +233,10 @@ def test_loha_rows_share_lora_s_table_and_vera_passes_its_projections_once():
 PEFT_TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
 
 
-@pytest.mark.parametrize("kind", ["bert", "llama"])
-@pytest.mark.parametrize("variant", ["dora", "pissa", "olora", "vera", "loha", "lokr"])
-def test_export_gives_peft_the_same_logits(tiny_dir, tmp_path, kind, variant):
-    tm = load_task_model(tiny_dir(kind), num_labels=3)
-    name, options = VARIANTS[variant]
+def export_a_random_delta(path: str, name: str, options: dict, tmp_path):
+    """A 3-label classifier on `path` with a perturbed `name` delta, saved and exported to tmp_path/peft:
+    (the method, its inputs, its logits)."""
+    tm = load_task_model(path, num_labels=3)
     method, config = resolve_method(name, options)
     method.apply(tm, config)
     randomise(tm.module, std=0.1)
@@ -246,6 +245,14 @@ def test_export_gives_peft_the_same_logits(tiny_dir, tmp_path, kind, variant):
     save_delta(tmp_path / "delta", tm, method, config,
                {"task": {"name": "toy", "label_names": ["a", "b", "c"]}, "head_names": tm.head_names})
     export_peft(tmp_path / "delta", tmp_path / "peft")
+    return method, inputs, expected
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+@pytest.mark.parametrize("variant", ["dora", "pissa", "olora", "vera", "loha", "lokr"])
+def test_export_gives_peft_the_same_logits(tiny_dir, tmp_path, kind, variant):
+    name, options = VARIANTS[variant]
+    method, inputs, expected = export_a_random_delta(tiny_dir(kind), name, options, tmp_path)
     adapter_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert adapter_config["peft_type"] == method.PEFT_TYPE and adapter_config.get("use_dora", False) == (name == "dora")
     base = AutoModelForSequenceClassification.from_pretrained(tiny_dir(kind), num_labels=3)
@@ -368,15 +375,7 @@ def test_peft_lora_and_dora_configs_go_to_their_own_method():
 def test_vera_on_gpt2_conv1d_goes_to_peft_and_back(tiny_dir, tmp_path):
     """GPT-2's fused Conv1D c_attn (peft has no LoHa / LoKr for Conv1D; its VeRA reads it transposed)."""
     path = tiny_dir("gpt2")
-    tm = load_task_model(path, num_labels=3)
-    method, config = resolve_method("vera", {"r": 16})
-    method.apply(tm, config)
-    randomise(tm.module, std=0.1)
-    inputs = dict(tm.tokenizer(TEXTS, padding=True, return_tensors="pt"))
-    expected = logits(tm.module, inputs)
-    save_delta(tmp_path / "delta", tm, method, config,
-               {"task": {"name": "toy", "label_names": ["a", "b", "c"]}, "head_names": tm.head_names})
-    export_peft(tmp_path / "delta", tmp_path / "peft")
+    _, inputs, expected = export_a_random_delta(path, "vera", {"r": 16}, tmp_path)
     peft_model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(path, num_labels=3),
                                            str(tmp_path / "peft"))
     assert (logits(peft_model, inputs) - expected).abs().max() <= TOL
