@@ -3,11 +3,12 @@ values and gradients as the unfused ops, and fewer bytes saved."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from deltatune import fast
 from deltatune.backbone import load_task_model
-from deltatune.fast import recompute, swiglu
+from deltatune.fast import forwards, recompute, swiglu
 from deltatune.methods import resolve_method
 
 
@@ -34,6 +35,24 @@ def lm_gradients(tm, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     loss = tm.module(**batch).loss
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in tm.module.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(autouse=True)
+def every_row_is_long(monkeypatch):
+    """The tiny batches here (12-50 tokens) take the memory-saving forms, as rows >= LONG_ROWS do."""
+    monkeypatch.setattr(forwards, "LONG_ROWS", 1)
+
+
+def test_short_rows_keep_the_plain_mlp_and_norm(monkeypatch):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    monkeypatch.setattr(forwards, "LONG_ROWS", 64)
+    norm = LlamaRMSNorm(16)
+    recompute.recompute_rms_norms(norm)
+    short, long = (torch.randn(1, t, 16, dtype=torch.bfloat16, requires_grad=True) for t in (63, 64))
+    plain = LlamaRMSNorm(16)
+    assert saved_bytes(norm, short) == saved_bytes(plain, short)  # an fp32 copy and the rsqrt, as before
+    assert saved_bytes(norm, long) < saved_bytes(plain, long) / 2  # its bf16 input only
 
 
 def token_batch() -> dict:

@@ -54,6 +54,7 @@ from deltatune.errors import UserError
 from deltatune.estimate import LayerDelta, MethodPlan, fastpath
 from deltatune.estimate.shapes import ModelShapes
 from deltatune.estimate.tape import ATTENTION_IMPLEMENTATIONS, LM_LOSSES, Act, RunSettings, Tape
+from deltatune.fast.forwards import LONG_ROWS
 from deltatune.methods.base import SiteEstimate
 
 
@@ -174,10 +175,15 @@ def attention_block(tape: Tape, x: Act, shapes: ModelShapes, layer: LayerDelta, 
     return out
 
 
+def saving_forms(run: RunSettings) -> bool:
+    """Does the fast path run its memory-saving SwiGLU and RMSNorm here (deltatune's path, long rows)?"""
+    return run.attention == "deltatune" and run.seq_len >= LONG_ROWS
+
+
 def ffn_block(tape: Tape, x: Act, shapes: ModelShapes, layer: LayerDelta, run: RunSettings) -> Act:
     """FFN: down(act(up(x))) or, for Llama, SwiGLU down(silu(gate(x)) · up(x)); each intermediate is a
     temporary that dies once its consumer has run (BERT's activated output lives until its output block returns)."""
-    if shapes.family == "llama" and run.attention == "deltatune":  # fast/swiglu.py: keeps gate and up only
+    if shapes.family == "llama" and saving_forms(run):  # fast/swiglu.py: keeps gate and up only
         gate = projection(tape, x, "gate", shapes, layer, run)
         up = projection(tape, x, "up", shapes, layer, run)
         activated = tape.new(gate.derived(f"{gate.name}.silu"))          # a temporary of the fused forward
@@ -212,7 +218,7 @@ def layer_forward(tape: Tape, x: Act, shapes: ModelShapes, layer: LayerDelta, ru
 
     def norm(t: Act, name: str) -> Act:
         if shapes.family == "llama":  # the fast path's bf16 norms rerun in backward (fast/recompute.py)
-            return tape.rms_norm(t, name, layer.all_weights, recompute=run.attention == "deltatune" and t.itemsize == 2)
+            return tape.rms_norm(t, name, layer.all_weights, recompute=saving_forms(run) and t.itemsize == 2)
         return tape.layer_norm(t, name, norm_trains)
 
     def branch_out(branch: Act, skip: Act, name: str) -> Act:

@@ -40,6 +40,7 @@ from deltatune.backbone import TaskModel
 from deltatune.errors import UserError
 from deltatune.evaluate import forward_batch
 from deltatune.fast import attention as attention_impl
+from deltatune.fast.forwards import LONG_ROWS
 from deltatune.fast.fused import fuse_qkv, unfuse
 from deltatune.fast.heap import release_freed
 from deltatune.fast.lm_loss import deferrable_head, with_deferred_head
@@ -218,10 +219,9 @@ def training_forward(task_model: TaskModel, cache=None) -> Callable[[dict], Any]
     return forward
 
 
-RELEASE_MIN_WIDTH = 512
+RELEASE_MIN_WIDTH = LONG_ROWS
 """Rows at least this long release the freed heap before their step (long sequences: where the holes are
-hundreds of MB and the trim's ~0.2-0.6 s is a few % of a step); shorter rows skip it (a 128-token step
-takes well under a second, and its holes are small)."""
+hundreds of MB and the trim's ~0.2-0.6 s is a few % of a step); shorter rows skip it."""
 
 
 def with_released_heap(forward: Callable[[dict], Any]) -> Callable[[dict], Any]:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from deltatune.fast.forwards import replace_forward, restore_forward
+from deltatune.fast.forwards import long_rows, replace_forward, restore_forward
 
 
 def is_rms_norm(module: nn.Module) -> bool:
@@ -30,7 +30,7 @@ def is_rms_norm(module: nn.Module) -> bool:
 def _recomputed_forward(norm: nn.Module, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     # hidden: (..., H) -> (..., H); saved for backward: hidden only
     plain = type(norm).forward
-    if torch.is_grad_enabled() and hidden.requires_grad:
+    if torch.is_grad_enabled() and hidden.requires_grad and long_rows(hidden):  # forwards.LONG_ROWS
         return checkpoint(plain, norm, hidden, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
     return plain(norm, hidden, *args, **kwargs)
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.fast.forwards import replace_forward, restore_forward
+from deltatune.fast.forwards import long_rows, replace_forward, restore_forward
 
 LLAMA_FORWARD = "self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))"
 """The MLP forward (whitespace removed) that `fuse_swiglu` replaces."""
@@ -60,7 +60,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def _swiglu_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    # x: (B, T, H) -> (B, T, H)
+    # x: (B, T, H) -> (B, T, H); short rows: the class's own forward (forwards.LONG_ROWS)
+    if not long_rows(x):
+        return type(mlp).forward(mlp, x)
     return mlp.down_proj(swiglu(mlp.gate_proj(x), mlp.up_proj(x)))
 
 
