@@ -20,12 +20,12 @@ other. On the CPU glibc's heap is kept from fragmenting under the all-gathers (`
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Callable
 
 import torch
 
 from deltatune.errors import UserError
+from deltatune.fast import heap
 
 
 def shard(task_model, world) -> None:
@@ -47,24 +47,19 @@ def shard(task_model, world) -> None:
 
 MMAP_THRESHOLD = 1 << 20
 """glibc serves blocks of at least this many bytes with their own mmap, given back to the OS when freed."""
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 
 
 def return_freed_memory(fix_threshold: bool = False) -> None:
-    """glibc only (a no-op elsewhere): hand freed heap pages back to the OS (`malloc_trim`); `fix_threshold`:
+    """glibc only (a no-op elsewhere): hand freed heap pages back to the OS (`fast.heap`); `fix_threshold`:
     from now on serve every block >= MMAP_THRESHOLD with its own mmap.
 
     Sharding on the CPU all-gathers and frees each layer's full weights and gradients at every step (a
     few MB to ~100 MB each). glibc's default threshold rises to the size of any mmapped block freed (up to
     32 MB), after which these blocks come from the heap, which fragments and never shrinks: measured on
     SmolLM2 with 2 ranks, the resident memory per rank grew past a 1-process run's."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        if fix_threshold:
-            libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        return
+    if fix_threshold:
+        heap.fix_mmap_threshold(MMAP_THRESHOLD)
+    heap.release_freed()
 
 
 def sharded(module: torch.nn.Module) -> bool:

@@ -23,19 +23,37 @@ import sys
 
 
 @functools.cache
-def _trim():
+def _glibc():
+    """The C library if it is glibc (it has malloc_trim; musl and other systems do not), else None."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim  # glibc only (musl has no malloc_trim)
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+        libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     except (OSError, AttributeError):
         return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim
+    return libc
+
+
+def _trim():
+    """glibc's malloc_trim, or None."""
+    libc = _glibc()
+    return libc.malloc_trim if libc is not None else None
 
 
 def release_freed() -> bool:
     """Return the process's free heap pages to the OS; True when glibc released some."""
     trim = _trim()
     return bool(trim(0)) if trim is not None else False
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+
+
+def fix_mmap_threshold(size: int) -> None:
+    """From now on glibc serves every block of >= `size` bytes with its own mmap, given back to the OS when
+    freed (its default threshold rises to the largest block freed, up to 32 MB). No-op without glibc."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, size)
