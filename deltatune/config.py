@@ -77,6 +77,10 @@ class TrainConfig:
     """auto (CUDA when present), cpu, cuda, cuda:N."""
     eval_batch_size: int = option(64, ge=1)
     """Batch size for validation and test."""
+    eval_steps: int = option(0, ge=0)
+    """Also validate every N optimizer steps inside an epoch (0: at each epoch's end only). Each result
+    joins delta.json's history with its step and training seconds so far (a loss curve); the best-epoch
+    choice still uses the epoch ends."""
     cache: str = option("auto", choices=("auto", "memory", "disk", "off"))
     """Frozen-prefix cache: auto (memory, spilling to disk past cache_max_mb), memory, disk, off."""
     cache_max_mb: float = option(1024, ge=0)

@@ -337,11 +337,20 @@ def _gradient_loop(task_model, method, method_config, train, validation, config,
                     pos.train_clock += time.perf_counter() - epoch_start
                     epoch_start = time.perf_counter()
                     save()
+                if config.eval_steps and pos.step % config.eval_steps == 0 and i + 1 < len(batches):
+                    pos.train_clock += time.perf_counter() - epoch_start  # the clock stops while validating
+                    val = validate(task_model, validation, config, cache)
+                    pos.history.append({"epoch": epoch, "step": pos.step, "train_loss": pos.epoch_loss / max(1, pos.seen),
+                                        **val, "train_seconds": pos.train_clock})
+                    if config.progress and world.main:
+                        tqdm.write(f"step {pos.step}: validation {describe(val)}", file=sys.stderr)
+                    set_train_mode(task_model, frozen_depth)
+                    epoch_start = time.perf_counter()
             bar.set_postfix(refresh=False, loss=f"{pos.epoch_loss / max(1, pos.seen):.4f}")
         pos.train_clock += time.perf_counter() - epoch_start
         loss_sum, seen = distributed.all_reduce_sum([pos.epoch_loss, pos.seen])
         val = validate(task_model, validation, config, cache)
-        pos.history.append({"epoch": epoch, "train_loss": loss_sum / max(1, seen), **val,
+        pos.history.append({"epoch": epoch, "step": pos.step, "train_loss": loss_sum / max(1, seen), **val,
                             "train_seconds": pos.train_clock})  # time in training steps so far, no evaluation
         if config.progress and world.main:
             tqdm.write(f"epoch {epoch}: train loss {loss_sum / max(1, seen):.4f}, validation {describe(val)}",

@@ -115,3 +115,22 @@ def test_auto_pooling_follows_a_sentence_transformers_folder(tiny_dir, tmp_path)
     assert resolve_pooling(str(st), "auto") == "cls"
     (st / "modules.json").write_text("{not json")
     assert resolve_pooling(str(st), "auto") == "hf"
+
+
+def test_eval_steps_records_a_validation_curve_without_changing_training(tiny_dir, toy_csv):
+    results = []
+    for eval_steps in (0, 2):
+        tm, method, config, rows = prepared(tiny_dir, toy_csv, "lora")
+        cfg = TrainConfig(epochs=2, batch_size=8, progress=False, cache="off", eval_steps=eval_steps)
+        results.append((train_model(tm, method, config, rows["train"], rows["validation"], cfg),
+                        predict_logits(tm, rows["test"])))
+    (plain, plain_logits), (curve, curve_logits) = results
+    steps_per_epoch = plain.history[0]["step"]
+    mid = [h for h in curve.history if h["step"] % steps_per_epoch]  # the entries inside an epoch
+    assert mid and [h["step"] for h in mid] == [s for s in range(2, 2 * steps_per_epoch, 2) if s % steps_per_epoch]
+    assert all("accuracy" in h for h in curve.history)
+    clock = [h["train_seconds"] for h in curve.history]
+    assert clock == sorted(clock) and clock[0] > 0
+    # validating in between changes nothing of the training itself
+    assert torch.equal(plain_logits, curve_logits)
+    assert [h for h in curve.history if not h["step"] % steps_per_epoch][-1]["accuracy"] == plain.history[-1]["accuracy"]
