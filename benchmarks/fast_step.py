@@ -26,13 +26,13 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import harness  # noqa: E402
 from harness import machine_note, measure_memory_here, memory_in_child, time_interleaved  # noqa: E402
 from train_step import step_fn  # noqa: E402
 
@@ -133,15 +133,7 @@ def builders(model: str, method_name: str, compile_: bool = False) -> dict:
 
 
 def matmul_peak(dtype: torch.dtype, hidden: int, seconds: float = 2.0) -> float:
-    """GFLOP/s of an (N x H) @ (H x 4H) matmul, N = batch x sequence (the FFN's shape)."""
-    a = torch.randn(BATCH * SEQ, hidden).to(dtype)
-    b = torch.randn(hidden, 4 * hidden).to(dtype)
-    a @ b
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
-    return 2 * a.shape[0] * hidden * 4 * hidden * count / (time.perf_counter() - start) / 1e9
+    return harness.matmul_peak(dtype, hidden, BATCH * SEQ, seconds)
 
 
 def step_flops(step) -> float:

@@ -75,6 +75,19 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def matmul_peak(dtype: torch.dtype, hidden: int, rows: int = 2048, seconds: float = 2.0) -> float:
+    """GFLOP/s of an (rows x H) @ (H x 4H) matmul (the FFN's shape) on this process's threads: the chip's
+    peak as a step sees it, printed beside every speed figure."""
+    a = torch.randn(rows, hidden).to(dtype)  # (rows, H)
+    b = torch.randn(hidden, 4 * hidden).to(dtype)  # (H, 4H)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * rows * hidden * 4 * hidden * count / (time.perf_counter() - start) / 1e9
+
+
 def machine_note() -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "

@@ -56,7 +56,8 @@ def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def make_trl(model_path: str, task, row_tokens: int, rows_per_step: int, seed: int, max_steps: int = -1):
+def make_trl(model_path: str, task, row_tokens: int, rows_per_step: int, seed: int, max_steps: int = -1,
+             precision: str = "fp32"):
     """An SFTTrainer + peft LoRA on the task's conversations (prompt = every turn but the last)."""
     from datasets import Dataset
     from peft import LoraConfig
@@ -75,7 +76,7 @@ def make_trl(model_path: str, task, row_tokens: int, rows_per_step: int, seed: i
                        warmup_steps=HYPER["warmup_ratio"],  # transformers 5: a float < 1 is a ratio of the steps
                        weight_decay=HYPER["weight_decay"], max_grad_norm=HYPER["max_grad_norm"],
                        lr_scheduler_type="linear", save_strategy="no", logging_steps=1, seed=seed,
-                       bf16=False, fp16=False, dataloader_num_workers=0, disable_tqdm=True,
+                       bf16=precision == "bf16", fp16=False, dataloader_num_workers=0, disable_tqdm=True,
                        gradient_checkpointing=False)  # trl's default is on; deltatune's is off: the same work
     peft_config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
                              task_type="CAUSAL_LM")
@@ -96,15 +97,17 @@ def lm_loss(model, rows, pad_id: int) -> float:
     return nll / tokens
 
 
-def deltatune_steps(model_path: str, train_rows, seed: int):
+def deltatune_steps(model_path: str, train_rows, seed: int, precision: str = "fp32"):
     """(step functions over deltatune's packed batches, real tokens per batch): run_train_job's loop body."""
-    from deltatune.fast import prepare, training_forward
+    from deltatune.evaluate import autocast_for
+    from deltatune.fast import autocast_precision, prepare, training_forward
     from deltatune.methods import resolve_method
 
     tm = load_task_model(model_path, 0, pooling="lm", seed=seed)
     method, config = resolve_method("lora")  # r 8, alpha 16, query + value, no dropout
     method.apply(tm, config)
-    prepare(tm, "fp32", "auto", "auto")
+    prepare(tm, precision, "auto", "auto")
+    amp = autocast_precision(tm, precision)
     packed = pack_rows(train_rows, ROW_TOKENS)
     per_step = packed_batch_size(train_rows, packed, HYPER["batch_size"])
     batches = [[packed[i] for i in b] for b in train_batches([len(r.input_ids) for r in packed], per_step, seed)]
@@ -114,7 +117,9 @@ def deltatune_steps(model_path: str, train_rows, seed: int):
     tm.module.train()
 
     def step(rows) -> None:
-        forward(collate(rows, pad)).loss.backward()
+        with autocast_for(tm.device(), amp):
+            loss = forward(collate(rows, pad)).loss
+        loss.float().backward()
         torch.nn.utils.clip_grad_norm_(params, HYPER["max_grad_norm"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -123,12 +128,12 @@ def deltatune_steps(model_path: str, train_rows, seed: int):
     return step, batches, real
 
 
-def trl_steps(model_path: str, task, rows_per_step: int, seed: int):
+def trl_steps(model_path: str, task, rows_per_step: int, seed: int, precision: str = "fp32"):
     """(trl's training step, its batches, real tokens per batch): Trainer.training_step + clip + AdamW."""
-    trainer = make_trl(model_path, task, ROW_TOKENS, rows_per_step, seed, max_steps=1000)
+    trainer = make_trl(model_path, task, ROW_TOKENS, rows_per_step, seed, max_steps=1000, precision=precision)
     batches = list(trainer.get_train_dataloader())
     trainer.create_optimizer_and_scheduler(num_training_steps=1000)
-    model = trainer.model
+    model = trainer.accelerator.prepare_model(trainer.model)  # as train() does: bf16 wraps forward in autocast
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -142,6 +147,15 @@ def trl_steps(model_path: str, task, rows_per_step: int, seed: int):
 
     real = [int(b["input_ids"].numel()) for b in batches]  # padding-free: one sequence, no pad
     return step, batches, real
+
+
+def time_to_loss(curve: list[dict], target: float, peer_seconds: float) -> dict:
+    """deltatune's training seconds at its first validation with a loss <= the peer's final one."""
+    reached = next((h for h in curve if h["loss"] <= target), None)
+    if reached is None:
+        return {"reached": False, "target": target}
+    return {"reached": True, "target": target, "step": reached["step"], "seconds": reached["train_seconds"],
+            "ratio_to_peer_time": reached["train_seconds"] / peer_seconds}
 
 
 def interleaved(variants: dict, rounds: int, steps: int) -> dict:
@@ -174,6 +188,10 @@ def main() -> None:
     parser.add_argument("--val-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: deltatune's --precision bf16, trl's bf16=True (autocast)")
+    parser.add_argument("--eval-steps", type=int, default=0,
+                        help="deltatune validates every N steps (outside its clock): the time to reach trl's final loss")
     parser.add_argument("--only", choices=("deltatune", "trl", "both"), default="both")
     parser.add_argument("--interleave-rounds", type=int, default=3, help="0 skips the speed phase")
     parser.add_argument("--interleave-steps", type=int, default=2)
@@ -196,8 +214,8 @@ def main() -> None:
            "base_validation_loss": evaluate_lm(base, val_rows)["loss"]}
     del base
     if args.only in ("deltatune", "both"):
-        config = TrainConfig(**HYPER, max_length=args.max_length, packing=True, precision="fp32", progress=False,
-                             seed=0)
+        config = TrainConfig(**HYPER, max_length=args.max_length, packing=True, precision=args.precision,
+                             progress=False, seed=0, eval_steps=args.eval_steps)
         before, start = load(), time.perf_counter()
         metrics = run_train_job(TrainJob(method="lora", task=task, model=model_path, train=config,
                                          options={"target_modules": "query,value"}), DELTA_DIR)
@@ -207,10 +225,12 @@ def main() -> None:
         steps = math.ceil(len(packed) / rows_per_step) * HYPER["epochs"]
         out["deltatune"] = {"train_seconds": seconds, "steps": steps, "seconds_per_step": seconds / steps,
                             "validation_loss": metrics["validation_loss"], "real_tokens_per_s": train_tokens / seconds,
-                            "wall_seconds_incl_test": wall, "load_before": before, "load_after": load()}
+                            "wall_seconds_incl_test": wall, "load_before": before, "load_after": load(),
+                            "curve": [{k: h[k] for k in ("step", "loss", "train_seconds")} for h in meta["history"]]}
         print(f"deltatune: {json.dumps(out['deltatune'])}", file=sys.stderr, flush=True)
     if args.only in ("trl", "both"):
-        trainer = make_trl(model_path, task, min(args.max_length, ROW_TOKENS), rows_per_step, 0)
+        trainer = make_trl(model_path, task, min(args.max_length, ROW_TOKENS), rows_per_step, 0,
+                           precision=args.precision)
         trl_tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
         before, start = load(), time.perf_counter()
         trainer.train()
@@ -225,13 +245,16 @@ def main() -> None:
         print(f"trl: {json.dumps(out['trl'])}", file=sys.stderr, flush=True)
         del trainer
     if args.only == "both" and args.interleave_rounds > 0:
-        variants = {"deltatune": deltatune_steps(model_path, train_rows, 0),
-                    "trl": trl_steps(model_path, task, rows_per_step, 0)}
+        variants = {"deltatune": deltatune_steps(model_path, train_rows, 0, args.precision),
+                    "trl": trl_steps(model_path, task, rows_per_step, 0, args.precision)}
         before = load()
         out["interleaved"] = interleaved(variants, args.interleave_rounds, args.interleave_steps)
         out["interleaved"]["load_before"], out["interleaved"]["load_after"] = before, load()
         out["interleaved"]["speedup_tokens_per_s"] = (out["interleaved"]["deltatune"]["real_tokens_per_s"]
                                                       / out["interleaved"]["trl"]["real_tokens_per_s"])
+    if "deltatune" in out and "trl" in out:
+        out["time_to_trl_loss"] = time_to_loss(out["deltatune"]["curve"], out["trl"]["validation_loss"],
+                                               out["trl"]["train_seconds"])
     out["load_average_end"] = load()
     text = json.dumps(out, indent=2, default=lambda v: v if not isinstance(v, float) or math.isfinite(v) else None)
     print(text)
