@@ -1,5 +1,6 @@
 """Peak memory and speed of a LoRA step on SmolLM2-135M (generation) with the frozen backbone stored in
-fp32, bf16, int8, nf4 or 2 bits; against peft + transformers + bitsandbytes (nf4, the QLoRA recipe).
+fp32, bf16, int8, nf4, q4_1 (the GGUF's own Q4_1 blocks) or 2 bits; against peft + transformers +
+bitsandbytes (nf4, the QLoRA recipe).
 
 Speed: every variant built once, then interleaved rounds in one process (harness.py). Memory: each
 variant alone in a fresh child, RSS above the process's baseline: the peak while loading (the fp32
@@ -26,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from harness import cpu_model, machine_note, memory_in_child, time_interleaved  # noqa: E402
+from harness import cpu_model, machine_note, matmul_peak, memory_in_child, time_interleaved  # noqa: E402
 
 from deltatune.backbone import load_task_model, resolve_model_path  # noqa: E402
 from deltatune.memory import PeakMemory, rss_mb  # noqa: E402
@@ -34,24 +35,15 @@ from deltatune.methods import resolve_method  # noqa: E402
 from deltatune.train import build_optimizer  # noqa: E402
 
 VARIANTS = {"fp32": (None, "fp32"), "bf16": (None, "bf16"), "int8": ("int8", "bf16"), "nf4": ("nf4", "bf16"),
-            "2bit": ("2bit", "bf16"), "bf16-unfused": (None, "bf16")}
+            "2bit": ("2bit", "bf16"), "q4_1": ("q4_1", "bf16"), "bf16-unfused": (None, "bf16")}
 """deltatune variant -> (--quantize, --precision); `-unfused`: without the fast path's fused q/k/v."""
-DEFAULT_VARIANTS = "fp32,bf16,int8,nf4,2bit"
+DEFAULT_VARIANTS = "fp32,bf16,int8,nf4,q4_1,2bit"
 PEER = "peft+bnb nf4"
 LR = 1e-4
 
 
 def bf16_peak(rows: int, hidden: int = 576, seconds: float = 2.0) -> float:
-    """GFLOP/s of a bf16 (rows x hidden) @ (hidden x 4 hidden) matmul on this thread count."""
-    import time
-
-    a, b = torch.randn(rows, hidden).bfloat16(), torch.randn(hidden, 4 * hidden).bfloat16()
-    a @ b
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
-    return 2 * rows * hidden * 4 * hidden * count / (time.perf_counter() - start) / 1e9
+    return matmul_peak(torch.bfloat16, hidden, rows, seconds)
 
 
 def fixed_batch(vocab: int, batch: int, seq: int) -> dict:

@@ -317,7 +317,7 @@ def load_task_model(model: str | None, num_labels: int, pooling: str = "hf",
                     device: str | torch.device = "cpu", seed: int = 0, quantize: str | None = None,
                     precision: str = "auto") -> TaskModel:
     """Load a classification model (or, with pooling="lm", a language model) on a frozen backbone;
-    every parameter starts frozen. `quantize` (nf4, fp4, int8, 3bit, 2bit) stores the transformer layers'
+    every parameter starts frozen. `quantize` (nf4, fp4, int8, 3bit, 2bit, q4_1) stores the transformer layers'
     projections quantised, computing in the dtype `precision` resolves to (deltatune/quantize.py)."""
     from transformers import (
         AutoConfig,

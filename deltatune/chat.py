@@ -67,7 +67,7 @@ def chat(delta: str, *, system: str | None = None, history: AtLeastOne = 8, max_
         seed: Random seed for sampling (turn i uses seed + i).
         model: Backbone folder, if not the one recorded in the delta.
         device: auto, cpu or cuda.
-        quantize: Backbone storage: as the delta was trained (default), none, or nf4, fp4, int8, 3bit, 2bit.
+        quantize: Backbone storage: as the delta was trained (default), none, or nf4, fp4, int8, 3bit, 2bit, q4_1.
     """
     from deltatune.backbone import pick_device
     from deltatune.delta import read_meta

@@ -116,7 +116,7 @@ def evaluate(delta: str, *, data: TaskArgs, split: str = "test", model: str | No
         device: auto, cpu or cuda.
         progress: Show a progress bar (on stderr).
         json_: Print the metrics as JSON.
-        quantize: Backbone storage: as the delta was trained (default), none (full precision), or nf4, fp4, int8, 3bit, 2bit.
+        quantize: Backbone storage: as the delta was trained (default), none (full precision), or nf4, fp4, int8, 3bit, 2bit, q4_1.
     """
     from deltatune.backbone import pick_device
     from deltatune.batching import encode
@@ -170,7 +170,7 @@ def predict(delta: str, texts: list[str] = (), *, file: str | None = None, model
         batch_size: Batch size.
         device: auto, cpu or cuda.
         json_: Print a JSON list of {text, label, probabilities}.
-        quantize: Backbone storage: as the delta was trained (default), none (full precision), or nf4, fp4, int8, 3bit, 2bit.
+        quantize: Backbone storage: as the delta was trained (default), none (full precision), or nf4, fp4, int8, 3bit, 2bit, q4_1.
     """
     from deltatune.backbone import pick_device
     from deltatune.data.files import read_text

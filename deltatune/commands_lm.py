@@ -25,7 +25,7 @@ def generate(delta: str, prompts: list[str] = (), *, max_new_tokens: int = 64, s
         device: auto, cpu or cuda.
         json_: Print a JSON list of {prompt, reply}.
         quantize: Backbone storage: as the delta was trained (default), none (full precision), or nf4, fp4,
-            int8, 3bit, 2bit.
+            int8, 3bit, 2bit, q4_1.
         raw: Give each prompt to the model as it is, without the chat template (a plain continuation).
     """
     from deltatune.backbone import pick_device

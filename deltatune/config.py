@@ -52,7 +52,8 @@ class TrainConfig:
     norms, softmax sums and the loss in fp32 (`deltatune/fast`)."""
     quantize: str | None = None
     """Store the frozen backbone's transformer projections quantised (QLoRA): nf4 (4-bit NormalFloat,
-    double-quantised), fp4, int8 (bitsandbytes), 3bit or 2bit (hqq); compute in bf16 or fp32 as
+    double-quantised), fp4, int8 (bitsandbytes), 3bit or 2bit (hqq), q4_1 (llama.cpp's Q4_1, pure torch:
+    SmolLM2's GGUF weights kept exactly); compute in bf16 or fp32 as
     --precision resolves. Trainable tensors stay fp32; methods that train backbone weights are refused."""
     optimizer: str = "adamw"
     """adamw (torch, fp32 state), adamw8bit (bitsandbytes: both moments in 8 bits, blockwise), or

@@ -3,6 +3,11 @@
 transformers can read GGUF (`gguf_file=`), but dequantising the packaged SmolLM2 Q4_1 file takes
 ~30 s. We do it once, write `save_pretrained` output to a temporary folder, rename it into the
 cache (so a crash never leaves a half-written model), and load the folder on every later run.
+
+Beside the weights, `gguf.json` records the GGUF's tensor types (`source_types`): the packaged SmolLM2
+stores its 210 transformer projections as Q4_1, which `--quantize q4_1` keeps exactly and any other
+kind rounds again (quantize.py says so). A cache converted before this file existed gets it from the
+GGUF's header on its next load (~2 s, once).
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ import sys
 from pathlib import Path
 
 from deltatune.errors import UserError
-from deltatune.io import atomic_directory
+from deltatune.io import atomic_directory, write_json_atomic
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TYPES_FILE = "gguf.json"
+"""{"gguf": file name, "tensor_types": {type: count}, "layer_matrices": {type: count}} (blk.* matrices)."""
 
 
 def cache_root() -> Path:
@@ -37,13 +44,23 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+def cached_path(gguf_path: Path) -> Path:
+    """Where the converted folder of a GGUF file lives: keyed by its path, size and modification time."""
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
+
+
 def converted_folder(gguf_path: str | Path) -> str:
     """A HF folder for a GGUF file: from the cache, or converted now (fp32 safetensors)."""
     gguf_path = Path(gguf_path)
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
-    target = cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
+    target = cached_path(gguf_path)
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        if not (target / TYPES_FILE).exists():  # converted before the types were recorded
+            try:
+                write_json_atomic(target / TYPES_FILE, read_types(gguf_path))
+            except (OSError, ImportError, ValueError):  # a read-only cache, or no `gguf`: only a note is lost
+                pass
         return str(target)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -56,7 +73,31 @@ def converted_folder(gguf_path: str | Path) -> str:
                                                      dtype=torch.float32)
         save_plain(model, tmp)
         tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / TYPES_FILE, read_types(gguf_path))
     return str(target)
+
+
+def read_types(gguf_path: Path) -> dict:
+    """The GGUF's tensor types, counted; `layer_matrices`: those of the transformer layers' matrices."""
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    tensors = GGUFReader(str(gguf_path)).tensors
+    layers = Counter(t.tensor_type.name for t in tensors if t.name.startswith("blk.") and len(t.shape) > 1)
+    return {"gguf": gguf_path.name, "tensor_types": dict(Counter(t.tensor_type.name for t in tensors)),
+            "layer_matrices": dict(layers)}
+
+
+def source_types(folder: str | Path) -> dict | None:
+    """`read_types` of the GGUF a cached folder was converted from; None for any other folder."""
+    import json
+
+    path = Path(folder) / TYPES_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def save_plain(model, folder: Path) -> None:

@@ -1,4 +1,4 @@
-"""Quantised backbones: the frozen linear layers of the transformer stored in 8, 4, 3 or 2 bits (QLoRA).
+"""Quantised backbones: the frozen linear layers of the transformer stored in 8, 5, 4, 3 or 2 bits (QLoRA).
 
     --quantize   storage (deltatune/storage*.py)          library        bits / weight
     ──────────   ───────────────────────────────────────  ─────────────  ─────────────
@@ -7,6 +7,8 @@
     int8         int8 rows + absmax                       bitsandbytes   8
     3bit         HQQ, groups of 64                        hqq            3.7
     2bit         HQQ, groups of 64                        hqq            2.5
+    q4_1         llama.cpp's Q4_1: 4-bit codes, fp16      torch          5      (SmolLM2 GGUF's own weights,
+                 scale and minimum per 32 (storage_gguf)                        kept exactly)
 
 Only the Linear (and GPT-2 Conv1D) projections inside the transformer layers are quantised: the
 embeddings, the LM head, norms and a classifier stay as loaded (the fast path may store them in bf16).
@@ -32,15 +34,17 @@ from deltatune import storage
 from deltatune.errors import UserError
 from deltatune.runtime import resolve_precision
 
-KINDS = ("nf4", "fp4", "int8", "3bit", "2bit")
+KINDS = ("nf4", "fp4", "int8", "3bit", "2bit", "q4_1")
 ALIASES = {"4bit": "nf4", "qlora": "nf4", "8bit": "int8", "qlora-4bit": "nf4", "qlora-8bit": "int8",
-           "qlora-2bit": "2bit", "2-bit": "2bit", "3-bit": "3bit"}
+           "qlora-2bit": "2bit", "2-bit": "2bit", "3-bit": "3bit", "q4-1": "q4_1"}
 """Other spellings (the estimator's row names among them) of the same kinds."""
 NONE = ("none", "fp32", "bf16", "16bit")
 """Values that ask for the backbone as loaded (no quantisation)."""
-LIBRARY = {"nf4": "bitsandbytes", "fp4": "bitsandbytes", "int8": "bitsandbytes", "3bit": "hqq", "2bit": "hqq"}
-DEVICES = {"bitsandbytes": ("cpu", "cuda", "xpu"), "hqq": ("cpu", "cuda", "mps", "xpu")}
-"""Device types each library's kernels cover (bitsandbytes >= 0.50: CPU and CUDA; hqq is pure torch)."""
+LIBRARY = {"nf4": "bitsandbytes", "fp4": "bitsandbytes", "int8": "bitsandbytes", "3bit": "hqq", "2bit": "hqq",
+           "q4_1": "torch"}
+DEVICES = {"bitsandbytes": ("cpu", "cuda", "xpu"), "hqq": ("cpu", "cuda", "mps", "xpu"), "torch": ()}
+"""Device types each library's kernels cover (bitsandbytes >= 0.50: CPU and CUDA; hqq is pure torch;
+(): every device, q4_1 being plain torch ops)."""
 
 
 def parse(value: str | None, flag: str = "--quantize") -> str | None:
@@ -56,17 +60,25 @@ def parse(value: str | None, flag: str = "--quantize") -> str | None:
 def check_runnable(kind: str, device: torch.device) -> None:
     """Raise a one-line error naming the mode, why it cannot run here and what runs instead."""
     library = LIBRARY[kind]
-    others = [k for k in KINDS if k != kind and LIBRARY[k] != library]
-    instead = f"--quantize {' / '.join(others)} ({LIBRARY[others[0]]}) or no --quantize" if others else "no --quantize"
+    others: dict[str, list[str]] = {}  # library -> its kinds that run on this device
+    for k in KINDS:
+        if LIBRARY[k] != library and runs_on(LIBRARY[k], device):
+            others.setdefault(LIBRARY[k], []).append(k)
+    kinds = ", ".join(f"{' / '.join(ks)} ({lib})" for lib, ks in others.items())
+    instead = f"--quantize {kinds} or no --quantize" if others else "no --quantize"
     try:
         storage.kind_class(kind)
     except ImportError as exc:
         hint = "bitsandbytes>=0.50" if library == "bitsandbytes" else "hqq"
         raise UserError(f"--quantize {kind} needs {library}, which does not import here ({exc}): "
                         f"pip install 'deltatune[quant]' (or '{hint}'); runs instead: {instead}") from exc
-    if device.type not in DEVICES[library]:
+    if not runs_on(library, device):
         raise UserError(f"--quantize {kind}: {library} has no kernels for device '{device.type}' "
                         f"(it covers {', '.join(DEVICES[library])}); runs instead: {instead}, or --device cpu")
+
+
+def runs_on(library: str, device: torch.device) -> bool:
+    return not DEVICES[library] or device.type in DEVICES[library]
 
 
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -91,11 +103,18 @@ def quantize_backbone(task_model, kind: str, precision: str = "auto") -> dict:
     fingerprint of the packed weights)."""
     device = task_model.device()
     check_runnable(kind, device)
+    note = requantisation_note(task_model.model_path, kind)
+    if note:
+        print(note, file=sys.stderr)
     cls, dtype = storage.kind_class(kind), compute_dtype(precision, device)
     stored = loaded = 0
-    for _, sub in quantizable(task_model):
+    for name, sub in quantizable(task_model):
         loaded += sub.weight.numel() * 2  # the 16-bit size, the usual reference
-        kept = cls(sub, dtype)
+        try:
+            kept = cls(sub, dtype)
+        except ValueError as exc:  # a shape the kind cannot store (q4_1: `in` not a multiple of 32)
+            raise UserError(f"--quantize {kind}: layer {name} (weight {tuple(sub.weight.shape)}): {exc}; "
+                            f"choose another --quantize kind") from exc
         storage.attach(sub, kept)
         stored += sum(t.numel() * t.element_size() for t in kept.tensors().values())
     for t in [*task_model.module.parameters(), *task_model.module.buffers()]:  # tied tensors once
@@ -108,6 +127,17 @@ def quantize_backbone(task_model, kind: str, precision: str = "auto") -> dict:
         "quantized_mb": round(stored / 2**20, 3), "bf16_mb": round(loaded / 2**20, 3),
     }
     return task_model.quantization
+
+
+def requantisation_note(model_path: str, kind: str) -> str | None:
+    """One line when `kind` would round again a model converted from a GGUF whose layers are Q4_1 already."""
+    from deltatune.gguf_cache import source_types
+
+    types = source_types(model_path)  # None: not a converted GGUF
+    if kind == "q4_1" or not types or set(types.get("layer_matrices", {})) != {"Q4_1"}:
+        return None
+    return (f"deltatune: note: {types['gguf']} stores its transformer projections as Q4_1 already: "
+            f"--quantize q4_1 keeps them exactly, --quantize {kind} rounds them again")
 
 
 def release_freed_memory(device: torch.device) -> None:

@@ -185,6 +185,7 @@ KINDS: dict[str, type[FrozenWeight] | str] = {
     "nf4": "deltatune.storage_bnb:NF4Weight", "fp4": "deltatune.storage_bnb:FP4Weight",
     "int8": "deltatune.storage_bnb:Int8Weight",
     "2bit": "deltatune.storage_hqq:HQQ2Weight", "3bit": "deltatune.storage_hqq:HQQ3Weight",
+    "q4_1": "deltatune.storage_gguf:Q41Weight",
 }
 """Storage classes by name; a quantised kind is named by its module (bitsandbytes and hqq are imported
 only when used): `kind_class` resolves it."""

@@ -218,7 +218,7 @@ def test_a_qlora_delta_exports_to_peft_which_loads_it_on_a_bitsandbytes_base_wit
 
 
 @pytest.mark.parametrize("args,fragment", [
-    (["--quantize", "nf5"], "--quantize must be one of nf4, fp4, int8, 3bit, 2bit (or none), not 'nf5'"),
+    (["--quantize", "nf5"], "--quantize must be one of nf4, fp4, int8, 3bit, 2bit, q4_1 (or none), not 'nf5'"),
     (["--quantize", "nf4", "--method", "full"], "method 'full' trains its weights, which --quantize nf4 stores"),
     (["--optimizer", "lion"], "--optimizer must be one of adamw, adamw8bit, paged_adamw8bit, not 'lion'"),
 ])

@@ -48,10 +48,11 @@ CLASSIFIER_ONLY = ("head", "features")
 """Methods that train or fit only a classifier: none of them applies to a generation task."""
 PROJECTED = ("qlora",)
 """Rows that no deltatune method implements yet: projections of the seed's table (see above)."""
-QUANT_CONSTANT_BITS = {8: 0.0, 4: 0.127, 3: 0.7, 2: 0.5}
+QUANT_CONSTANT_BITS = {8: 0.0, 5: 0.0, 4: 0.127, 3: 0.7, 2: 0.5}
 """Extra bits per quantized weight: LLM.int8 row scales (negligible), NF4 with double quantization
 (QLoRA paper: 0.127 bits), 3-bit (ten codes per int32: 0.2) and 2-bit with a 16-bit scale and zero per group
-of 64 (0.5 bits), as `train --quantize` stores them (deltatune/storage_bnb.py, storage_hqq.py)."""
+of 64 (0.5 bits), as `train --quantize` stores them (deltatune/storage_bnb.py, storage_hqq.py). q4_1 counts
+as 5 bits with its constants inside: 4-bit codes + an fp16 scale and minimum per 32 (storage_gguf.py)."""
 
 
 @dataclass(frozen=True)
@@ -83,11 +84,13 @@ PRECISIONS = {
     "4bit": Precision("4bit", 2, 2, 4, 2, quantized_bits=4),
     "3bit": Precision("3bit", 2, 2, 4, 2, quantized_bits=3),
     "2bit": Precision("2bit", 2, 2, 4, 2, quantized_bits=2),
+    "q4_1": Precision("q4_1", 2, 2, 4, 2, quantized_bits=5),
 }
 DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16",
                  "16": "bf16", "16bit": "bf16", "8bit": "int8", "8": "int8", "nf4": "4bit", "int4": "4bit",
-                 "4": "4bit", "int2": "2bit", "2": "2bit", "mixed": "amp", "fp4": "4bit", "int3": "3bit", "3": "3bit"}
-"""`train --quantize`'s kinds (nf4, fp4, int8, 3bit, 2bit) name the same rows here."""
+                 "4": "4bit", "int2": "2bit", "2": "2bit", "mixed": "amp", "fp4": "4bit", "int3": "3bit", "3": "3bit",
+                 "q4-1": "q4_1"}
+"""`train --quantize`'s kinds (nf4, fp4, int8, 3bit, 2bit, q4_1) name the same rows here."""
 
 
 def precision_for(dtype: str, method: str) -> Precision:

@@ -166,7 +166,7 @@ def estimate(*, model: str = "all-minilm-l6-v2", method: list[str] | None = None
         measure_steps: training steps per method with --measure.
         threads: torch threads per measuring process.
         task: generation (LM loss over the vocabulary) or classification (a --num-labels classifier; a decoder pools its last token, as `deltatune compare` trains it); default: generation for decoders, classification for encoders.
-        quantize: k-bit backbones as train's --quantize names them (nf4, fp4, int8, 3bit, 2bit; none: as loaded), comma-separated: with --measure, each method is measured and estimated on each (on deltatune's own path, as train runs them); without, one kind is the same as --dtype KIND.
+        quantize: k-bit backbones as train's --quantize names them (nf4, fp4, int8, 3bit, 2bit, q4_1; none: as loaded), comma-separated: with --measure, each method is measured and estimated on each (on deltatune's own path, as train runs them); without, one kind is the same as --dtype KIND.
     """
     if hardware_table:
         rows = hardware_table_rows()  # the flag shadows the function's name here

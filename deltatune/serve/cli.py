@@ -53,7 +53,7 @@ def serve(*, registry: str, port: TCPPort = 8000, model: str | None = None, host
         host: Interface to bind; the default keeps the server to this machine.
         device: auto, cpu or cuda.
         threads: torch intra-op threads (default: torch's choice).
-        quantize: Store the shared backbone quantised: nf4, fp4, int8, 3bit, 2bit (deltas trained on another
+        quantize: Store the shared backbone quantised: nf4, fp4, int8, 3bit, 2bit, q4_1 (deltas trained on another
             kind are refused; full-precision deltas load with a warning).
     """
     import uvicorn
