@@ -127,7 +127,9 @@ def _run(job: TrainJob, out, config: TrainConfig, method, method_config, world, 
                   f"{loop_config.batch_size} rows per batch", file=sys.stderr)
         train_rows = packed
     if world.main:
-        print(f"global batch {config.batch_size * world.size * config.grad_accum} = {config.batch_size} per rank "
+        about = f"about {config.batch_size} examples in {loop_config.batch_size} packed rows" if config.packing \
+            else f"{config.batch_size} rows"
+        print(f"global batch {config.batch_size * world.size * config.grad_accum} = {about} per rank "
               f"x {world.size} rank(s) x {config.grad_accum} accumulation step(s)", file=sys.stderr)
     with PeakMemory() as memory:
         result = train_model(task_model, method, method_config, train_rows, val_rows, loop_config, plan)

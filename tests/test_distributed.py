@@ -169,7 +169,7 @@ def test_train_nproc_2_starts_torchrun_and_rank_0_writes(tiny_dir, toy_csv, tmp_
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads(proc.stdout)  # one JSON document: rank 1 printed nothing
     assert metrics["world_size"] == 2 and metrics["global_batch"] == 32
-    assert proc.stderr.count("global batch 32 = 8 per rank x 2 rank(s) x 2 accumulation step(s)") == 1
+    assert proc.stderr.count("global batch 32 = 8 rows per rank x 2 rank(s) x 2 accumulation step(s)") == 1
     meta = json.loads((out / "delta.json").read_text())
     assert meta["metrics"]["allreduce_bytes_per_step"] == 4 * meta["metrics"]["trainable_params"]
 
