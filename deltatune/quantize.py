@@ -129,12 +129,19 @@ def quantize_backbone(task_model, kind: str, precision: str = "auto") -> dict:
     return task_model.quantization
 
 
-def requantisation_note(model_path: str, kind: str) -> str | None:
-    """One line when `kind` would round again a model converted from a GGUF whose layers are Q4_1 already."""
+def q4_1_source(model_path: str) -> dict | None:
+    """The GGUF tensor types of a model converted from a GGUF whose transformer projections are all Q4_1
+    (its fp32 weights are then exactly what --quantize q4_1 stores), else None."""
     from deltatune.gguf_cache import source_types
 
     types = source_types(model_path)  # None: not a converted GGUF
-    if kind == "q4_1" or not types or set(types.get("layer_matrices", {})) != {"Q4_1"}:
+    return types if types and set(types.get("layer_matrices", {})) == {"Q4_1"} else None
+
+
+def requantisation_note(model_path: str, kind: str) -> str | None:
+    """One line when `kind` would round again a model converted from a GGUF whose layers are Q4_1 already."""
+    types = q4_1_source(model_path)
+    if kind == "q4_1" or types is None:
         return None
     return (f"deltatune: note: {types['gguf']} stores its transformer projections as Q4_1 already: "
             f"--quantize q4_1 keeps them exactly, --quantize {kind} rounds them again")
@@ -198,6 +205,8 @@ def check_delta(backbone_meta: dict, task_model, where: str = "delta") -> None:
             raise UserError(f"{where} was trained on {trained['kind']} weights with fingerprint "
                             f"{trained['fingerprint']} ({trained.get('library')}), these have "
                             f"{loaded['fingerprint']} ({loaded.get('library')}): quantise with the same library version")
+    elif (trained or loaded) and (trained or loaded)["kind"] == "q4_1" and q4_1_source(task_model.model_path) is not None:
+        return  # a GGUF's own Q4_1 weights: the full-precision backbone holds exactly the same values
     elif trained or loaded:
         print(f"deltatune: warning: {where} was trained on {describe(trained)} and is applied to "
               f"{describe(loaded)}: its outputs differ by the quantisation error", file=sys.stderr)

@@ -166,8 +166,14 @@ def test_other_kinds_on_a_q4_1_gguf_say_that_q4_1_keeps_its_weights(q41_model, t
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"deltatune: note: {source.name} stores its transformer projections as Q4_1 already: "
                    "--quantize q4_1 keeps them exactly, --quantize int8 rounds them again"]
-    load_task_model(folder, 0, pooling="lm", quantize="q4_1", precision="fp32")
+    q41 = load_task_model(folder, 0, pooling="lm", quantize="q4_1", precision="fp32")
     assert "note" not in capsys.readouterr().err
+    # a q4_1 delta on this model's full-precision backbone: the same values, so no warning; elsewhere one
+    plain = load_task_model(folder, 0, pooling="lm")
+    quantize.check_delta({"quantization": q41.quantization}, plain)
+    assert capsys.readouterr().err == ""
+    quantize.check_delta({"quantization": q41.quantization}, load_task_model(q41_model, 0, pooling="lm"))
+    assert "differ by the quantisation error" in capsys.readouterr().err
 
 
 def test_the_estimator_counts_q4_1_layers_at_5_bits():
@@ -197,3 +203,12 @@ def gguf_cache_types(folder):
     from deltatune.gguf_cache import source_types
 
     return (source_types(folder) or {}).get("layer_matrices")
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "int8"])
+def test_parameter_counts_see_a_quantised_weight_as_the_weight_it_stores(q41_model, kind):
+    from deltatune.methods.base import count_parameters
+
+    plain = load_task_model(q41_model, 0, pooling="lm")
+    stored = load_task_model(q41_model, 0, pooling="lm", quantize=kind, precision="fp32")
+    assert count_parameters(stored.module) == count_parameters(plain.module)

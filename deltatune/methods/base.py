@@ -46,6 +46,7 @@ tensors reproduces the trained model exactly.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -215,14 +216,18 @@ def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; shared tensors are counted once."""
+    """(trainable, total) parameter counts; shared tensors are counted once, a quantised weight as the
+    (out, in) weight it stores (its packed tensor holds two or more codes per element)."""
+    from deltatune import storage
+
+    logical = {id(m.weight): math.prod(storage.storage_of(m).shape) for m in module.modules() if storage.is_quantized(m)}
     seen: set[int] = set()
     trainable = total = 0
     for p in module.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
+        total += logical.get(id(p), p.numel())
         trainable += p.numel() if p.requires_grad else 0
     return trainable, total
 
