@@ -8,7 +8,13 @@ checkpoint is read, then quantised layer by layer), what stays resident after lo
 of two training steps; with the weights' share: the bytes the model's tensors and storages hold.
 
     .venv/bin/python benchmarks/qlora.py [--batch 8] [--seq 256] [--rounds 3] [--threads 2] [--no-peer]
-        [--variants nf4,bf16] [--no-memory]
+        [--variants nf4,bf16] [--no-memory] [--rows synthetic|instruct|chatterbot] [--task-batches 4]
+
+--rows: the default times one random batch with every position labelled (all the LM head's work, no
+padding). A task name times a pass over real rows instead, the same collated tensors for both sides
+(length-bucketed, padded to each batch's longest row, only the answers labelled): deltatune's chunked
+loss runs the LM head on the labelled positions only, the peer on every position, as `train` and a
+plain peft + transformers loop do on the same data.
 
 The bf16 matmul peak (an (N x 576) x (576 x 2304) matmul, N = batch x seq: the FFN's shape) is printed at the
 start and at the end: both variants' steps are mostly such matmuls, so a speed ratio is bounded by how much of
@@ -51,6 +57,39 @@ def fixed_batch(vocab: int, batch: int, seq: int) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
+def task_batches(task_name: str, batch: int, seq: int, count: int) -> list[dict]:
+    """`count` collated batches of `batch` real rows of a generation task (length-bucketed as `train` does,
+    each padded to its longest row; labels -100 on prompts and padding): both sides get these same tensors."""
+    from transformers import AutoTokenizer
+
+    from deltatune.batching import collate, train_batches
+    from deltatune.data import load_task
+    from deltatune.generation import encode_lm
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("smollm2"))
+    task = load_task(task_name, train_size=batch * count * 4)
+    rows = encode_lm(tokenizer, task.train, seq, "train")
+    groups = train_batches([len(r.input_ids) for r in rows], batch, seed=0)[:count]
+    out = []
+    for group in groups:
+        collated = collate([rows[i] for i in group], tokenizer.pad_token_id)
+        collated.pop("keys")
+        out.append(collated)
+    return out
+
+
+def batches_for(args, vocab: int) -> list[dict]:
+    """What one timed step trains on: the fixed random batch (every position labelled), or a pass over
+    real task rows (--rows TASK)."""
+    if args.rows == "synthetic":
+        return [fixed_batch(vocab, args.batch, args.seq)]
+    return task_batches(args.rows, args.batch, args.seq, args.task_batches)
+
+
+def real_tokens(batches: list[dict]) -> int:
+    return sum(int(b["attention_mask"].sum()) for b in batches)
+
+
 def stored_mb(module: torch.nn.Module) -> float:
     """Bytes the model's parameters, buffers and quantised storages hold (a tied tensor once)."""
     from deltatune.storage import QuantizedWeight
@@ -84,13 +123,14 @@ def deltatune_builder(name: str, args, report: dict):
         report[name] = {"weights_mb": stored_mb(tm.module), **({"quantization": tm.quantization} if quantize else {})}
         forward = training_forward(tm)
         optimizer = build_optimizer(tm.module, LR, 0.01)
-        batch = fixed_batch(tm.module.config.vocab_size, args.batch, args.seq)
+        batches = batches_for(args, tm.module.config.vocab_size)
         tm.module.train()
 
         def step() -> None:
-            forward(batch).loss.float().backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            for batch in batches:
+                forward(batch).loss.float().backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
 
         report[name]["gflop"] = step_gflop(step)
         return step
@@ -118,15 +158,16 @@ def peer_builder(args, report: dict):
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
         report[PEER] = {"weights_mb": stored_mb(model)}
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
-        batch = fixed_batch(model.config.vocab_size, args.batch, args.seq)
+        batches = batches_for(args, model.config.vocab_size)
         model.train()
 
         def step() -> None:
-            model(**batch).loss.float().backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            for batch in batches:
+                model(**batch).loss.float().backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
 
-        return step
+        return step  # its FLOPs are not counted: bitsandbytes' 4-bit matmul is a custom op torch's counter misses
     return build
 
 
@@ -148,6 +189,10 @@ def main() -> None:
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                         help="peak memory of each variant in a child process (--no-memory: speed only)")
     parser.add_argument("--memory-child", default=None)
+    parser.add_argument("--rows", default="synthetic",
+                        help="synthetic: one random batch, every position labelled; or a generation task (instruct, "
+                             "chatterbot): a step is a pass over --task-batches real batches, answers labelled only")
+    parser.add_argument("--task-batches", type=int, default=4)
     args = parser.parse_args()
     args.variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in args.variants if v not in VARIANTS]
@@ -155,7 +200,7 @@ def main() -> None:
         parser.error(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
     torch.set_num_threads(args.threads)
     flags = ["--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads),
-             "--variants", ",".join(args.variants)]
+             "--variants", ",".join(args.variants), "--rows", args.rows, "--task-batches", str(args.task_batches)]
     if args.memory_child:  # loading (fp32 weights read, then quantised) and the steps, apart
         report: dict = {}
         baseline = rss_mb()
@@ -173,21 +218,23 @@ def main() -> None:
     report = {}
     memory = {name: memory_in_child(__file__, name, flags) if args.memory else {} for name in builders(args, report)}
     seconds = time_interleaved(builders(args, report), rounds=args.rounds, steps=1, warmup=1)
-    tokens = args.batch * args.seq
-    end_peak = bf16_peak(tokens)
-    print(f"# LoRA step (r 8, q/v), SmolLM2-135M generation, batch {args.batch} x {args.seq}; {note}; "
+    tokens = args.batch * args.seq if args.rows == "synthetic" else real_tokens(batches_for(args, 0))
+    end_peak = bf16_peak(args.batch * args.seq)
+    rows = (f"batch {args.batch} x {args.seq}" if args.rows == "synthetic" else
+            f"a step = {args.task_batches} batches of {args.batch} real {args.rows} rows (<= {args.seq} tokens, "
+            f"{tokens:,} real tokens)")
+    print(f"# LoRA step (r 8, q/v), SmolLM2-135M generation, {rows}; {note}; "
           f"{cpu_model()}; bf16 matmul peak {peak:.0f} GFLOP/s at the start, {end_peak:.0f} at the end, "
           f"load average at the end {os.getloadavg()[0]:.2f}")
     print("| variant | step s | tokens/s | GFLOP/step | % of bf16 matmul peak | step peak MB | weights MB (share "
           "of step peak) | quantised layers MB (vs 16-bit) | resident after load MB | load peak MB | speed vs peer |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     peer = seconds.get(PEER)
-    same_model = max((r.get("gflop", 0.0) for r in report.values()), default=0.0)  # the peer's own is not counted
     mean_peak = (peak + end_peak) / 2
     for name, s in seconds.items():
-        mem, gflop = memory[name], report.get(name, {}).get("gflop", same_model)
+        mem, gflop = memory[name], report.get(name, {}).get("gflop", 0.0)
         vs = f"{peer / s:.2f}x" if peer and name != PEER else "–"
-        work = f"{gflop:.0f} | {gflop / s / mean_peak:.0%}"
+        work = f"{gflop:.0f} | {gflop / s / mean_peak:.0%}" if gflop else "– | –"
         if not mem or "error" in mem:
             print(f"| {name} | {s:.2f} | {tokens / s:,.0f} | {work} | {mem.get('error', '–')} | | | | | {vs} |")
             continue
