@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from harness import cpu_model  # noqa: E402
+from harness import cpu_model, matmul_peak  # noqa: E402
 
 from deltatune.backbone import load_task_model, resolve_model_path  # noqa: E402
 from deltatune.batching import collate, train_batches  # noqa: E402
@@ -50,6 +50,11 @@ from deltatune.workflow import TrainJob, run_train_job  # noqa: E402
 
 HYPER = {"lr": 1e-3, "batch_size": 8, "epochs": 1, "warmup_ratio": 0.06, "weight_decay": 0.01, "max_grad_norm": 1.0}
 DELTA_DIR = "/tmp/deltatune-bench-delta"
+
+
+def peaks() -> dict:
+    """fp32 and bf16 matmul GFLOP/s of SmolLM2's FFN shape on this run's threads."""
+    return {d: round(matmul_peak(getattr(torch, d), 576), 1) for d in ("float32", "bfloat16")}
 
 
 def load() -> list[float]:
@@ -211,7 +216,8 @@ def main() -> None:
     out = {"command": " ".join(sys.argv), "cpu": cpu_model(), "threads": args.threads, "train_rows": len(task.train),
            "train_tokens": train_tokens, "longest_row": max(len(r.input_ids) for r in train_rows),
            "packed_rows": len(packed), "rows_per_step": rows_per_step, "hyper": HYPER,
-           "base_validation_loss": evaluate_lm(base, val_rows)["loss"]}
+           "base_validation_loss": evaluate_lm(base, val_rows)["loss"], "precision": args.precision,
+           "matmul_peak_gflops_start": peaks()}
     del base
     if args.only in ("deltatune", "both"):
         config = TrainConfig(**HYPER, max_length=args.max_length, packing=True, precision=args.precision,
@@ -255,7 +261,7 @@ def main() -> None:
     if "deltatune" in out and "trl" in out:
         out["time_to_trl_loss"] = time_to_loss(out["deltatune"]["curve"], out["trl"]["validation_loss"],
                                                out["trl"]["train_seconds"])
-    out["load_average_end"] = load()
+    out["load_average_end"], out["matmul_peak_gflops_end"] = load(), peaks()
     text = json.dumps(out, indent=2, default=lambda v: v if not isinstance(v, float) or math.isfinite(v) else None)
     print(text)
     if args.json:
