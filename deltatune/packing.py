@@ -3,7 +3,8 @@
     example a (5 tokens), b (3), c (4)  ->  one row of 12 tokens, no padding
     input_ids      a a a a a b b b c c c c
     position_ids   0 1 2 3 4 0 1 2 0 1 2 3          restart per example: rotary / learned positions as alone
-    mask           block-diagonal causal            transformers builds it from the position restarts
+    mask           block-diagonal causal            deltatune's attention: each example alone (fast/segments.py);
+                                                     transformers' own: the mask it builds from the restarts
                                                      (`find_packed_sequence_indices`, no attention_mask given)
     shift_labels   a₁a₂a₃a₄ ∅ b₁b₂ ∅ c₁c₂c₃ ∅        label t is the target of position t: an example's last
                                                      position predicts nothing (never the next example)
@@ -25,10 +26,10 @@ from deltatune.errors import UserError
 from deltatune.rendering import IGNORE
 
 ROW_TOKENS = 256
-"""Packed row length. The attention of a packed row is computed densely under the block-diagonal mask,
-so its cost grows with the row's length squared: SmolLM2 + LoRA on chatterbot (64 examples, 2 threads)
-trained 1.30x faster than length-bucketed batches with rows of 256 tokens, 0.91x with rows of 1,024
-(benchmarks/RESULTS.md)."""
+"""Packed row length. Each packed example attends over itself alone (fast/segments.py, deltatune's
+attention), so a row's length no longer costs attention; rows of 256 already leave ~1% padding on
+chatterbot and instruct (benchmarks/RESULTS.md). With transformers' own attention (--attention eager /
+sdpa) a packed row is attended densely under its block-diagonal mask: cost ~ row length squared."""
 
 
 def refuse_packing(method, seq2seq: bool, generation: bool) -> None:
