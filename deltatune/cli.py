@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 
 from deltatune.errors import UserError
 
@@ -58,16 +60,36 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM (a `kill`, a scheduler's time limit): raised where the process is, so every `finally` runs
+    (temporary files removed, child processes stopped) before it exits with 128 + 15."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> None:
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        _main(argv)
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)  # `serve` (uvicorn) and torchrun install their own later
+    try:
+        _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # main() called in a process that goes on (tests)
+
+
+def _main(argv: list[str] | None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from deltatune.cliargs import call_with, command_parsers, parse_command_line
-    from deltatune.config import config_defaults, load_config_file
-
     argv = sys.argv[1:] if argv is None else argv
     ARGV[:] = argv
-    parser = make_parser()
     try:
+        from deltatune.cliargs import call_with, command_parsers, parse_command_line
+        from deltatune.config import config_defaults, load_config_file
+
+        parser = make_parser()
         args = parse_command_line(parser, argv)
         if args.command is None:
             parser.print_help()
@@ -84,6 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("deltatune: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Terminated:
+        print("deltatune: terminated", file=sys.stderr)
+        sys.exit(143)
     except BrokenPipeError:  # `deltatune predict ... | head`: the reader left; no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout again at exit
         sys.exit(141)  # 128 + SIGPIPE, as a shell reports a command killed by it

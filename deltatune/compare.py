@@ -38,6 +38,21 @@ QUALITY = ("accuracy", "macro_f1", "loss", "perplexity", "exact_match", "rouge_l
 """The metrics a multi-seed row reports with a standard deviation."""
 
 
+def run_child(argv: list[str]) -> subprocess.CompletedProcess:
+    """One method's `deltatune train` child, its stdout captured; stopped if compare itself stops (Ctrl-C,
+    SIGTERM through cli.Terminated, an error), so no training keeps running orphaned."""
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env={**os.environ})
+    try:
+        out, _ = child.communicate()
+    finally:
+        if child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+    return subprocess.CompletedProcess(argv, child.returncode, out)
+
 def seed_list(seeds: str | None) -> list[int] | None:
     """`--seeds 0,1,2` as integers (None: one run at --seed)."""
     if seeds is None:
@@ -146,7 +161,7 @@ def compare(*, methods: str = DEFAULT_METHODS, out: str = "runs/compare", data: 
             argv += ["--set", pair]
         argv += prompt_argv(resolve_method(name)[0], prompt)  # --shots etc. to icl, --objective to tuned methods
         print(f"\n== {name}{f' (seed {seed})' if seed is not None else ''} ==", file=sys.stderr)
-        proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True, env={**os.environ})
+        proc = run_child(argv)
         if proc.returncode != 0:
             print(f"compare: {name} failed (exit {proc.returncode}); continuing", file=sys.stderr)
             rows.append({"method": name, "error": f"exit {proc.returncode}"})

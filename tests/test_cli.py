@@ -218,3 +218,34 @@ def test_predict_into_a_closed_pipe_prints_no_traceback(trained, tmp_path):
     assert first.strip()
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
     assert proc.returncode == 141
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads a process's children from /proc")
+def test_sigterm_to_compare_stops_its_training_child_and_exits_143(tiny_dir, toy_csv, tmp_path):
+    """`kill` (or a scheduler's time limit) on `deltatune compare`: the method it is training stops too,
+    and no output folder is left half-written."""
+    import signal
+    import time
+
+    out = tmp_path / "c"
+    parent = subprocess.Popen([sys.executable, "-m", "deltatune", "compare", "--methods", "full", "--model",
+                               tiny_dir("bert"), "--data", toy_csv, "--epochs", "500", "--out", str(out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    children_file = f"/proc/{parent.pid}/task/{parent.pid}/children"
+    deadline, children = time.monotonic() + 120, []
+    while not children and time.monotonic() < deadline and parent.poll() is None:
+        time.sleep(0.2)
+        with contextlib.suppress(OSError):
+            children = [int(c) for c in open(children_file).read().split()]
+    assert children, parent.communicate()[1]
+    time.sleep(1.0)  # the child is training
+    parent.send_signal(signal.SIGTERM)
+    _, err = parent.communicate(timeout=60)
+    assert parent.returncode == 143 and "deltatune: terminated" in err and "Traceback" not in err, err
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{children[0]}") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = os.path.exists(f"/proc/{children[0]}") and "zombie" not in open(f"/proc/{children[0]}/status").read()
+    assert not alive, "the training child outlived compare"
+    assert not (out / "results.json").exists()
