@@ -195,6 +195,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="bf16: deltatune's --precision bf16, trl's bf16=True (autocast)")
+    parser.add_argument("--seed", type=int, default=0, help="both sides' seed (LoRA init, data order)")
     parser.add_argument("--eval-steps", type=int, default=0,
                         help="deltatune validates every N steps (outside its clock): the time to reach trl's final loss")
     parser.add_argument("--only", choices=("deltatune", "trl", "both"), default="both")
@@ -221,7 +222,7 @@ def main() -> None:
     del base
     if args.only in ("deltatune", "both"):
         config = TrainConfig(**HYPER, max_length=args.max_length, packing=True, precision=args.precision,
-                             progress=False, seed=0, eval_steps=args.eval_steps)
+                             progress=False, seed=args.seed, eval_steps=args.eval_steps)
         before, start = load(), time.perf_counter()
         metrics = run_train_job(TrainJob(method="lora", task=task, model=model_path, train=config,
                                          options={"target_modules": "query,value"}), DELTA_DIR)
@@ -235,7 +236,7 @@ def main() -> None:
                             "curve": [{k: h[k] for k in ("step", "loss", "train_seconds")} for h in meta["history"]]}
         print(f"deltatune: {json.dumps(out['deltatune'])}", file=sys.stderr, flush=True)
     if args.only in ("trl", "both"):
-        trainer = make_trl(model_path, task, min(args.max_length, ROW_TOKENS), rows_per_step, 0,
+        trainer = make_trl(model_path, task, min(args.max_length, ROW_TOKENS), rows_per_step, args.seed,
                            precision=args.precision)
         trl_tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
         before, start = load(), time.perf_counter()
