@@ -2,12 +2,10 @@
 
     .venv/bin/python benchmarks/packing.py --task chatterbot --examples 256 --batch-size 16 --rounds 3
 
-The variants train on the same examples (one pass = one round; the rounds interleave, the median
+Both variants train on the same examples (one pass = one round; the rounds interleave, the median
 counts) with the same optimizer and the chunked LM loss: bucketed = deltatune's default batches (length-
 sorted pools, each batch padded to its longest row); packed = the same examples packed into rows of
-min(--max-length, packing.ROW_TOKENS) tokens, about --batch-size examples per batch (packing.py), each
-example attending over itself alone (fast/segments.py); packed-mask (--mask-variant) = the same packed
-batches with attention over each whole row under the block-diagonal mask (the way before segments.py).
+min(--max-length, packing.ROW_TOKENS) tokens, about --batch-size examples per batch (packing.py).
 tokens/s = the examples' real tokens / seconds per pass. The first pass's loss per answer token is
 printed for both (the steps group different examples, so it agrees within noise, not exactly).
 """
@@ -28,7 +26,6 @@ from deltatune.backbone import load_task_model, resolve_model_path
 from deltatune.batching import collate, train_batches
 from deltatune.data import load_task
 from deltatune.fast import prepare, training_forward
-from deltatune.fast.attention import KV_KWARG
 from deltatune.generation import encode_lm
 from deltatune.methods import resolve_method
 from deltatune.packing import pack_rows, packed_batch_size
@@ -45,7 +42,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--mask-variant", action="store_true", help="also time packed rows under the row mask")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -61,21 +57,16 @@ def main() -> None:
         "packed": [[packed[i] for i in b] for b in
                    train_batches([len(r.input_ids) for r in packed], packed_batch_size(rows, packed, args.batch_size), 0)],
     }
-    if args.mask_variant:
-        variants["packed-mask"] = variants["packed"]
     pad = tm.tokenizer.pad_token_id
     forward = training_forward(tm)
     state = {k: v.clone() for k, v in tm.module.state_dict().items() if "lora" in k or "lm_head" in k}
 
-    def one_pass(batches, name: str) -> tuple[float, float]:
+    def one_pass(batches) -> tuple[float, float]:
         tm.module.train()
         optimizer = torch.optim.AdamW([p for p in tm.module.parameters() if p.requires_grad], lr=1e-4)
         nll, tokens, start = 0.0, 0, time.perf_counter()
         for batch_rows in batches:
-            batch = collate(batch_rows, pad)
-            if name == "packed-mask":
-                batch[KV_KWARG] = None  # no per-example context: the row's block-diagonal mask
-            loss = forward(batch).loss
+            loss = forward(collate(batch_rows, pad)).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -90,7 +81,7 @@ def main() -> None:
     for round_ in range(args.rounds + 1):  # round 0 warms up (and gives each variant's first-pass loss)
         for name, batches in variants.items():
             tm.module.load_state_dict(state, strict=False)  # every pass starts from the same weights
-            seconds, loss = one_pass(batches, name)
+            seconds, loss = one_pass(batches)
             print(f"round {round_} {name}: {seconds:.1f} s, mean loss {loss:.4f}", file=sys.stderr, flush=True)
             if round_ == 0:
                 first_loss[name] = loss
@@ -104,8 +95,7 @@ def main() -> None:
                   "real_tokens_per_s": real / statistics.median(times[name]), "first_pass_mean_loss": first_loss[name]}
            for name in variants},
     }
-    result["speedup"] = {name: result[name]["real_tokens_per_s"] / result["bucketed"]["real_tokens_per_s"]
-                         for name in variants if name != "bucketed"}
+    result["speedup"] = result["packed"]["real_tokens_per_s"] / result["bucketed"]["real_tokens_per_s"]
     print(json.dumps(result, indent=2))
 
 

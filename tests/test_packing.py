@@ -9,8 +9,6 @@ from deltatune.config import TrainConfig
 from deltatune.data import Example, TaskData
 from deltatune.errors import UserError
 from deltatune.fast import prepare, restore, training_forward
-from deltatune.fast.attention import explicit_kernel
-from deltatune.fast.segments import PackedSegments
 from deltatune.generation import encode_lm
 from deltatune.packing import pack_rows, packed_batch_size
 from deltatune.workflow import TrainJob, run_train_job
@@ -42,10 +40,7 @@ def test_best_fit_packing_keeps_every_example_once():
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 @pytest.mark.parametrize("attention", ["explicit", "model"])
 @pytest.mark.parametrize("train_on_prompt", [False, True])
-def test_packed_logits_and_loss_equal_unpacked(tiny_dir, kind, attention, train_on_prompt, monkeypatch):
-    calls = []
-    attend = PackedSegments.attend
-    monkeypatch.setattr(PackedSegments, "attend", lambda self, *a: calls.append(1) or attend(self, *a))
+def test_packed_logits_and_loss_equal_unpacked(tiny_dir, kind, attention, train_on_prompt):
     tm = load_task_model(tiny_dir(kind), 0, pooling="lm")
     tm.module.requires_grad_(True)  # full fine-tuning: the gradients of every weight compared
     prepare(tm, "fp32", attention, "auto")
@@ -69,31 +64,9 @@ def test_packed_logits_and_loss_equal_unpacked(tiny_dir, kind, attention, train_
     loss = forward(collate(packed, 0)).loss
     loss.backward()
     torch.testing.assert_close(loss, unpacked.loss, atol=1e-5, rtol=1e-5)
-    # deltatune's attention trains packed rows per example (fast/segments.py); transformers' uses the mask
-    assert bool(calls) == (attention == "explicit")
     for before, p in zip(grads, [p for p in tm.module.parameters() if p.grad is not None]):
         torch.testing.assert_close(p.grad, before, atol=1e-5, rtol=1e-4)
     restore(tm)
-
-
-@pytest.mark.parametrize("bucket", [32, 4])
-def test_per_example_attention_equals_the_block_diagonal_mask(bucket, monkeypatch):
-    from deltatune.fast import segments as segments_module
-
-    monkeypatch.setattr(segments_module, "BUCKET", bucket)  # 4: examples in buckets of width 4 and 8
-    torch.manual_seed(0)
-    # two rows of 12: examples of 5, 3, 4 tokens; 7 tokens and 5 of trailing padding (its own run)
-    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4]])
-    q, k, v = torch.randn(2, 4, 12, 8), torch.randn(2, 2, 12, 8), torch.randn(2, 2, 12, 8)  # 2 query heads per k/v
-    segment = (positions == 0).cumsum(-1)  # (B, T) example number within the row
-    mask = (segment[:, None, :, None] == segment[:, None, None, :]) & torch.ones(12, 12, dtype=torch.bool).tril()
-    expected = explicit_kernel(q, k, v, mask, 8 ** -0.5)  # (B, h, T, d)
-    segments = PackedSegments.from_position_ids(positions)
-    widths = sorted(b.mask.shape[-1] for b in segments.buckets)
-    assert widths == ([32] if bucket == 32 else [4, 8])
-    assert sum(len(b.dest) for b in segments.buckets) == 24  # every token once
-    out = segments.attend(None, q, k, v, None, explicit_kernel, 8 ** -0.5, 0.0)
-    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
 
 
 def toy_task(copies=4):

@@ -46,7 +46,6 @@ from deltatune.fast.heap import release_freed
 from deltatune.fast.lm_loss import deferrable_head, with_deferred_head
 from deltatune.fast.precision import PRECISIONS, resolve_precision, to_bf16_compute
 from deltatune.fast.recompute import recompute_rms_norms, restore_norms
-from deltatune.fast.segments import PackedSegments
 from deltatune.fast.swiglu import fuse_swiglu, unfuse_swiglu
 
 DEFAULT_DROPOUT = 0.0
@@ -213,24 +212,11 @@ def training_forward(task_model: TaskModel, cache=None) -> Callable[[dict], Any]
             inputs = pad_width({k: v for k, v in batch.items() if k != "keys"}, COMPILE_BUCKET, pad_id)
             return compiled(**inputs)
 
-    if on and info.attention in ("explicit", attention_impl.SDPA_NAME) and not info.compile:
-        forward = with_packed_segments(forward)
     if on and info.lm_loss == "chunked":  # only the loss is needed: no (T, vocab) logits
         forward = with_deferred_head(forward, task_model.module)
     if on and task_model.device().type == "cpu":
         forward = with_released_heap(forward)
     return forward
-
-
-def with_packed_segments(forward: Callable[[dict], Any]) -> Callable[[dict], Any]:
-    """A training forward whose packed batches (position_ids, no attention_mask: batching.collate) attend
-    per example (segments.py) rather than over each whole row under the block-diagonal mask."""
-
-    def run(batch: dict):
-        if "position_ids" in batch and "attention_mask" not in batch and attention_impl.KV_KWARG not in batch:
-            batch = {**batch, attention_impl.KV_KWARG: PackedSegments.from_position_ids(batch["position_ids"])}
-        return forward(batch)
-    return run
 
 
 RELEASE_MIN_WIDTH = LONG_ROWS
