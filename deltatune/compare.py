@@ -53,6 +53,7 @@ def run_child(argv: list[str]) -> subprocess.CompletedProcess:
                 child.kill()
     return subprocess.CompletedProcess(argv, child.returncode, out)
 
+
 def seed_list(seeds: str | None) -> list[int] | None:
     """`--seeds 0,1,2` as integers (None: one run at --seed)."""
     if seeds is None:

@@ -152,13 +152,10 @@ def release_freed_memory(device: torch.device) -> None:
     keeps freed blocks resident otherwise, so the process would stay at its fp32 size)."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    elif device.type == "cpu" and sys.platform.startswith("linux"):
-        import ctypes
+    elif device.type == "cpu":
+        from deltatune.fast.heap import release_freed
 
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (musl): the memory is reused by later allocations
-            pass
+        release_freed()  # not glibc (musl): nothing to do, later allocations reuse the memory
 
 
 def _version(library: str) -> str:
@@ -205,8 +202,8 @@ def check_delta(backbone_meta: dict, task_model, where: str = "delta") -> None:
             raise UserError(f"{where} was trained on {trained['kind']} weights with fingerprint "
                             f"{trained['fingerprint']} ({trained.get('library')}), these have "
                             f"{loaded['fingerprint']} ({loaded.get('library')}): quantise with the same library version")
-    elif (trained or loaded) and (trained or loaded)["kind"] == "q4_1" and q4_1_source(task_model.model_path) is not None:
-        return  # a GGUF's own Q4_1 weights: the full-precision backbone holds exactly the same values
     elif trained or loaded:
+        if (trained or loaded)["kind"] == "q4_1" and q4_1_source(task_model.model_path) is not None:
+            return  # a GGUF's own Q4_1 weights: the full-precision backbone holds exactly the same values
         print(f"deltatune: warning: {where} was trained on {describe(trained)} and is applied to "
               f"{describe(loaded)}: its outputs differ by the quantisation error", file=sys.stderr)

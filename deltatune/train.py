@@ -333,18 +333,19 @@ def _gradient_loop(task_model, method, method_config, train, validation, config,
                 method.on_train_step(task_model, method_config, pos.step, total_steps)
                 optimizer.zero_grad(set_to_none=True)
                 pos.batch = i + 1
-                if config.save_steps and pos.step % config.save_steps == 0 and i + 1 < len(batches):
-                    pos.train_clock += time.perf_counter() - epoch_start
-                    epoch_start = time.perf_counter()
-                    save()
-                if config.eval_steps and pos.step % config.eval_steps == 0 and i + 1 < len(batches):
-                    pos.train_clock += time.perf_counter() - epoch_start  # the clock stops while validating
-                    val = validate(task_model, validation, config, cache)
-                    pos.history.append({"epoch": epoch, "step": pos.step, "train_loss": pos.epoch_loss / max(1, pos.seen),
-                                        **val, "train_seconds": pos.train_clock})
-                    if config.progress and world.main:
-                        tqdm.write(f"step {pos.step}: validation {describe(val)}", file=sys.stderr)
-                    set_train_mode(task_model, frozen_depth)
+                due = [n > 0 and pos.step % n == 0 and i + 1 < len(batches)  # inside the epoch: its end does both
+                       for n in (config.eval_steps, config.save_steps)]
+                if any(due):
+                    pos.train_clock += time.perf_counter() - epoch_start  # the clock stops while validating / saving
+                    if due[0]:
+                        val = validate(task_model, validation, config, cache)
+                        pos.history.append({"epoch": epoch, "step": pos.step, **val, "train_seconds": pos.train_clock,
+                                            "train_loss": pos.epoch_loss / max(1, pos.seen)})
+                        if config.progress and world.main:
+                            tqdm.write(f"step {pos.step}: validation {describe(val)}", file=sys.stderr)
+                        set_train_mode(task_model, frozen_depth)
+                    if due[1]:
+                        save()  # after the validation, so a resumed run keeps this point of the curve
                     epoch_start = time.perf_counter()
             bar.set_postfix(refresh=False, loss=f"{pos.epoch_loss / max(1, pos.seen):.4f}")
         pos.train_clock += time.perf_counter() - epoch_start
