@@ -5,7 +5,7 @@
 Both variants train on the same examples (one pass = one round; the rounds interleave, the median
 counts) with the same optimizer and the chunked LM loss: bucketed = deltatune's default batches (length-
 sorted pools, each batch padded to its longest row); packed = the same examples packed into rows of
-min(--max-length, packing.ROW_TOKENS) tokens, about --batch-size examples per batch (packing.py).
+N tokens for each N of --row-tokens (default packing.ROW_TOKENS), about --batch-size examples per batch (packing.py).
 tokens/s = the examples' real tokens / seconds per pass. The first pass's loss per answer token is
 printed for both (the steps group different examples, so it agrees within noise, not exactly).
 """
@@ -20,7 +20,7 @@ import sys
 import time
 
 import torch
-from harness import cpu_model  # noqa: E402
+from harness import cpu_model, matmul_peak  # noqa: E402
 
 from deltatune.backbone import load_task_model, resolve_model_path
 from deltatune.batching import collate, train_batches
@@ -28,7 +28,7 @@ from deltatune.data import load_task
 from deltatune.fast import prepare, training_forward
 from deltatune.generation import encode_lm
 from deltatune.methods import resolve_method
-from deltatune.packing import pack_rows, packed_batch_size
+from deltatune.packing import ROW_TOKENS, pack_rows, packed_batch_size
 from deltatune.train import labelled_count
 
 
@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--row-tokens", default=str(ROW_TOKENS),
+                        help="packed row lengths to compare (comma-separated)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -51,12 +53,12 @@ def main() -> None:
     method.apply(tm, config)
     prepare(tm, args.precision, "auto", "auto")
     rows = encode_lm(tm.tokenizer, task.train, args.max_length, "train")
-    packed = pack_rows(rows, args.max_length)
     variants = {
-        "bucketed": [[rows[i] for i in b] for b in train_batches([len(r.input_ids) for r in rows], args.batch_size, 0)],
-        "packed": [[packed[i] for i in b] for b in
-                   train_batches([len(r.input_ids) for r in packed], packed_batch_size(rows, packed, args.batch_size), 0)],
-    }
+        "bucketed": [[rows[i] for i in b] for b in train_batches([len(r.input_ids) for r in rows], args.batch_size, 0)]}
+    for n in (int(x) for x in args.row_tokens.split(",")):
+        packed = pack_rows(rows, n, row_tokens=n)
+        variants[f"packed-{n}"] = [[packed[i] for i in b] for b in train_batches(
+            [len(r.input_ids) for r in packed], packed_batch_size(rows, packed, args.batch_size), 0)]
     pad = tm.tokenizer.pad_token_id
     forward = training_forward(tm)
     state = {k: v.clone() for k, v in tm.module.state_dict().items() if "lora" in k or "lm_head" in k}
@@ -89,13 +91,14 @@ def main() -> None:
                 times[name].append(seconds)
     result = {
         "command": "benchmarks/packing.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-        "cpu": cpu_model(), "load_average": os.getloadavg(), "examples": len(rows), "real_tokens": real,
+        "cpu": cpu_model(), "load_average": os.getloadavg(), "matmul_peak_gflops": {"fp32": matmul_peak(torch.float32, 576), "bf16": matmul_peak(torch.bfloat16, 576)}, "examples": len(rows), "real_tokens": real,
         **{name: {"batches": len(variants[name]), "positions_computed": padded[name],
                   "seconds_per_pass": statistics.median(times[name]),
                   "real_tokens_per_s": real / statistics.median(times[name]), "first_pass_mean_loss": first_loss[name]}
            for name in variants},
     }
-    result["speedup"] = result["packed"]["real_tokens_per_s"] / result["bucketed"]["real_tokens_per_s"]
+    result["speedup"] = {name: result[name]["real_tokens_per_s"] / result["bucketed"]["real_tokens_per_s"]
+                         for name in variants if name != "bucketed"}
     print(json.dumps(result, indent=2))
 
 

@@ -43,10 +43,10 @@ def refuse_packing(method, seq2seq: bool, generation: bool) -> None:
                         "once at the start of a packed row, not before each example; train without --packing")
 
 
-def pack_rows(rows: list[Encoded], max_length: int = ROW_TOKENS) -> list[Encoded]:
-    """Packed rows of at most min(max_length, ROW_TOKENS) tokens (best-fit decreasing): token_labels hold
+def pack_rows(rows: list[Encoded], max_length: int = ROW_TOKENS, row_tokens: int = ROW_TOKENS) -> list[Encoded]:
+    """Packed rows of at most min(max_length, row_tokens) tokens (best-fit decreasing): token_labels hold
     each example's shifted labels, position_ids its own positions from 0."""
-    max_length = min(max_length, ROW_TOKENS)
+    max_length = min(max_length, row_tokens)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i].input_ids))
     bins: list[list[int]] = []
     free: list[tuple[int, int]] = []  # (room left, bin index), sorted

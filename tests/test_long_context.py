@@ -40,8 +40,8 @@ def test_blockwise_skips_the_causal_upper_triangle_exactly(monkeypatch):
     allowed = torch.ones(t, t).tril().bool().expand(b, 1, t, t).clone()  # (B, 1, T, Tk)
     allowed[1, :, :, :5] = False  # row 1 is left-padded by 5: its first 5 queries attend nothing
     mask = torch.zeros(b, 1, t, t, dtype=torch.float64).masked_fill(~allowed, torch.finfo(torch.float64).min)
-    assert blockwise.key_end(mask[..., :16, :].unsqueeze(2), t) == t  # fully masked rows: every key
-    assert blockwise.key_end(mask[:1, ..., :16, :].unsqueeze(2), t) == 16  # causal: up to the block's last row
+    assert blockwise.block_span(mask[..., :16, :].unsqueeze(2), t) == (0, t)  # fully masked rows: every key
+    assert blockwise.block_span(mask[:1, ..., :16, :].unsqueeze(2), t) == (0, 16)  # causal: up to the last row
     ours = blockwise.blockwise_attention(q, k, v, mask, 0.3)
     ref = reference_attention(q, k, v, mask, 0.3)
     torch.testing.assert_close(ours, ref)

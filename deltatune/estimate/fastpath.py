@@ -2,7 +2,8 @@
 its chunked LM-head loss, on the same tensor-lifetime tape as transformers' code (tape.py).
 
     attention "deltatune" (fast/attention.py, explicit matmuls, grouped heads stacked: no k/v copies)
-        T·Tk <  BLOCKWISE_MIN    saves q·scale, k, P (B, h, T, Tk) in the compute dtype, v
+        T·Tk <  BLOCKWISE_MIN    saves q·scale, k, P (B, h, T, Tk) in the compute dtype, v; a decoder's
+                                 causal rows keep P over their blocks' key spans only (fast/spans.py)
         T·Tk >= BLOCKWISE_MIN    saves q·scale, k, v only (fast/blockwise.py); a block's S and P are
                                  transients: bq = BLOCK_ELEMENTS / (B·h·Tk) query rows per block
         backward buffers         small: dP, dS (B, h, T, Tk); blockwise: P, dP, dS of one block + fp32 dK, dV
@@ -18,6 +19,7 @@ from __future__ import annotations
 from deltatune.estimate.shapes import ModelShapes
 from deltatune.estimate.tape import Act, RunSettings, Tape
 from deltatune.fast import attention as attention_impl
+from deltatune.fast import spans
 from deltatune.fast.blockwise import block_size
 from deltatune.fast.lm_loss import DEFAULT_CHUNK
 
@@ -48,7 +50,8 @@ def deltatune_attention(tape: Tape, q: Act, k: Act, v: Act, shapes: ModelShapes,
             tape.keep(tensor)
         ctx = out.derived("ctx_heads", grad=True)
     else:
-        scores = tape.product(scaled, k, "scores", score_rows, key_len)
+        cols = spans.causal_columns(run.batch_size, int(seq), int(key_len)) if shapes.is_decoder else key_len
+        scores = tape.product(scaled, k, "scores", score_rows, cols)
         masked = tape.new(scores.derived("scores_masked"))    # + the additive mask
         tape.free(scores)
         probs = tape.softmax(masked, "probs", a)              # compute dtype in and out, fp32 sums
@@ -67,7 +70,8 @@ def deltatune_attention_backward(shapes: ModelShapes, run: RunSettings, seq: flo
     if blockwise(seq, key_len):
         kv = 2 * b * key_len * shapes.kv_dim * 4               # dK, dV summed over blocks in fp32
         return 3 * block_elements(run, shapes, seq, key_len) * a + kv + b * seq * shapes.q_dim * a
-    return 2 * b * shapes.heads * seq * key_len * a           # dP, dS
+    cols = spans.causal_columns(b, int(seq), int(key_len)) if shapes.is_decoder else key_len
+    return 2 * b * shapes.heads * seq * cols * a               # dP, dS
 
 
 def labelled_tokens(run: RunSettings, seq: float) -> float:

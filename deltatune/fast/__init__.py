@@ -8,8 +8,10 @@
         ├─ fused q/k/v  frozen q, k, v projections of a layer as one matmul (fused.py)
         ├─ SwiGLU       a gated MLP's silu(gate) ⊙ up keeps only gate and up for backward (swiglu.py)
         ├─ RMSNorm      keeps its bf16 input, not an fp32 copy, and reruns in backward (recompute.py)
-        ├─ attention    --attention auto: explicit matmul + fp32 softmax on the CPU (blockwise, keeping no
-        │               T x T probabilities, when they would be large), SDPA on CUDA
+        ├─ attention    --attention auto: explicit matmul + fp32 softmax on the CPU, over the key span
+        │               each block of queries attends (spans.py: the causal triangle and a packed row's
+        │               other examples skipped; blockwise, keeping no T x T probabilities, when they
+        │               would be large), SDPA on CUDA
         ├─ LM loss      generation: the LM head + cross-entropy over chunks of the labelled positions only
         │               (lm_loss.py); --attention model keeps transformers' own head and loss
         ├─ compile      --compile: torch.compile of the training forward (widths padded to buckets)

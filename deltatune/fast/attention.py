@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltatune.fast import spans
 from deltatune.fast.blockwise import blockwise_attention
 
 NAME = "deltatune_explicit"
@@ -71,6 +72,10 @@ def explicit_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     ~mask, torch.finfo(query.dtype).min)
         return blockwise_attention(query, key, value, mask, scaling)
     groups = h // kv_heads
+    chosen = spans.plan(mask, b, t, tk) if dropout == 0 else None
+    if chosen is not None:  # causal / packed rows: only the key span each block of queries attends
+        qs = (query * scaling).view(b, kv_heads, groups, t, d)
+        return spans.span_attention(qs, key, value, mask, chosen).view(b, h, t, d)
     q = (query * scaling).reshape(b, kv_heads, groups * t, d)  # query heads of one k/v head stacked
     scores = torch.matmul(q, key.transpose(-1, -2)).view(b, h, t, tk)  # (B, h, T, Tk)
     if mask is not None:

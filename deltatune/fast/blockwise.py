@@ -13,8 +13,9 @@
 Grouped-query attention needs no copies of K and V: the g = h / hk query heads of one key/value head
 are stacked into one (g·bq, d) matrix, as in explicit attention. The additive mask (B or 1, 1, T, Tk)
 carries causality, padding, soft-prompt and prefix positions and packed sequences alike: whatever
-transformers' mask function built; a block skips the keys past the last one its rows attend (`key_end`:
-the causal upper triangle, about half of S at long sequences). Blocks are sized so that one block's S stays near BLOCK_ELEMENTS
+transformers' mask function built; a block skips the keys outside the span its rows attend
+(`spans.block_span`: the causal upper triangle, about half of S at long sequences, and the other
+examples of a packed row). Blocks are sized so that one block's S stays near BLOCK_ELEMENTS
 values (a few MB, cache-friendly on a CPU). What it costs: one more Q Kᵀ matmul and softmax in
 backward; what it saves: the (B, h, T, Tk) P of every layer, ~75 MB per SmolLM2 layer at 2,048 tokens
 in bf16. `explicit_attention` chooses it when P would be large (fast/attention.py); on CUDA, SDPA's
@@ -25,25 +26,14 @@ from __future__ import annotations
 
 import torch
 
+from deltatune.fast.spans import block_span
+
 BLOCK_ELEMENTS = 1 << 22
 """Target size of one block's score tensor S (4M values: 8 MB in bf16)."""
 
 
 def block_size(b: int, h: int, t: int, tk: int) -> int:
     return max(16, min(t, BLOCK_ELEMENTS // max(1, b * h * tk)))
-
-
-def key_end(mask_b: torch.Tensor | None, tk: int) -> int:
-    """Keys past the last one any row of this query block attends are skipped (a causal block's upper
-    triangle: half the work at long sequences). Exact when every row attends some key (a fully masked
-    row, left padding's first positions, keeps all Tk keys, as the unblocked softmax would spread it)."""
-    if mask_b is None:
-        return tk
-    live = mask_b > torch.finfo(mask_b.dtype).min / 2  # (B|1, 1, 1, bq, Tk): 0 or a bias, not "masked"
-    if not bool(live.any(-1).all()):
-        return tk
-    cols = live.reshape(-1, live.shape[-1]).any(0).nonzero()  # (n, 1) attended key indices
-    return int(cols.max()) + 1
 
 
 def _probs(q_b: torch.Tensor, k: torch.Tensor, mask_b: torch.Tensor | None) -> torch.Tensor:
@@ -69,9 +59,9 @@ class BlockwiseAttention(torch.autograd.Function):
         for start in range(0, t, step):
             rows = slice(start, start + step)
             m_b = m5[..., rows, :] if m5 is not None else None
-            end = key_end(m_b, tk)
-            p = _probs(qs[:, :, :, rows], k[:, :, :end], m_b[..., :end] if m_b is not None else None)
-            out[:, :, :, rows] = torch.matmul(p.to(v.dtype), v[:, :, :end]).view(b, hk, g, -1, d)
+            lo, hi = block_span(m_b, tk)
+            p = _probs(qs[:, :, :, rows], k[:, :, lo:hi], m_b[..., lo:hi] if m_b is not None else None)
+            out[:, :, :, rows] = torch.matmul(p.to(v.dtype), v[:, :, lo:hi]).view(b, hk, g, -1, d)
         ctx.save_for_backward(qs, k, v, mask if mask is not None else torch.empty(0))
         ctx.scale, ctx.has_mask = scale, mask is not None
         return out.view(b, h, t, d)
@@ -93,15 +83,15 @@ class BlockwiseAttention(torch.autograd.Function):
             q_b = qs[:, :, :, rows]  # (B, hk, g, bq, d)
             bq = q_b.shape[3]
             m_b = m5[..., rows, :] if m5 is not None else None
-            end = key_end(m_b, tk)  # keys [end, Tk) get no gradient from this block
-            k_b, v_b = k[:, :, :end], v[:, :, :end]
-            p = _probs(q_b, k_b, m_b[..., :end] if m_b is not None else None)  # (B, hk, g·bq, end)
+            lo, hi = block_span(m_b, tk)  # keys outside [lo, hi) get no gradient from this block
+            k_b, v_b = k[:, :, lo:hi], v[:, :, lo:hi]
+            p = _probs(q_b, k_b, m_b[..., lo:hi] if m_b is not None else None)  # (B, hk, g·bq, hi−lo)
             do_b = do5[:, :, :, rows].reshape(b, hk, g * bq, d)
-            dv[:, :, :end] += torch.matmul(p.transpose(-1, -2).to(do_b.dtype), do_b)  # (B, hk, end, d)
-            dp = torch.matmul(do_b, v_b.transpose(-1, -2)).to(p.dtype)  # (B, hk, g·bq, end)
+            dv[:, :, lo:hi] += torch.matmul(p.transpose(-1, -2).to(do_b.dtype), do_b)  # (B, hk, hi−lo, d)
+            dp = torch.matmul(do_b, v_b.transpose(-1, -2)).to(p.dtype)  # (B, hk, g·bq, hi−lo)
             ds = torch._softmax_backward_data(dp, p, -1, p.dtype)
             dq[:, :, :, rows] = torch.matmul(ds, k_b).view(b, hk, g, bq, d)
-            dk[:, :, :end] += torch.matmul(ds.transpose(-1, -2), q_b.reshape(b, hk, g * bq, d))
+            dk[:, :, lo:hi] += torch.matmul(ds.transpose(-1, -2), q_b.reshape(b, hk, g * bq, d))
         dq = (dq * ctx.scale).view(b, hk * g, t, d)
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None
 

@@ -1,0 +1,138 @@
+"""Attention over the key span each block of queries attends: what a causal or packed mask removes is
+never computed.
+
+    mask (B|1, 1, T, Tk) ──> per query row i: first and last attended key, lo_i and hi_i
+    query blocks [s, e): a new block at each packed example's start (lo_i = i) and every BLOCK rows
+    block [s, e) attends keys [min lo, max hi) only; every other score of its rows is masked anyway:
+        S_b = (Q_b · scale) K[lo:hi]ᵀ + mask[s:e, lo:hi]     (B, hk, g·(e−s), hi−lo)
+        O_b = softmax(S_b) V[lo:hi]                           (B, hk, g·(e−s), d)
+
+Two plans, the cheaper one runs (or the dense product, when neither saves enough):
+    shared    blocks of BLOCK rows, spans the union over the batch's rows: one batched product per block
+              (length-bucketed rows: the causal upper triangle, ~1/3 of S at 256 tokens)
+    per row   each row its own blocks, cut at its packed examples' starts: a packed row of 256 tokens
+              holding ~100-token examples computes ~40% of S, where the shared union would keep most of it
+The cost model counts score elements plus a fixed cost per block (the Python and kernel-launch overhead
+of the block's few small matmuls), measured on a 1-thread CPU (benchmarks/RESULTS.md, session 13).
+
+Exact: a block's softmax sees the same live keys as the dense row; a block holding a query row that
+attends no key at all (left padding's first positions) keeps every key, as the dense softmax would.
+The spans are read once per mask (every layer of a forward receives the same mask tensor).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+BLOCK = 128
+"""Query rows per block at most: small enough to skip the causal triangle, large enough to keep the
+matmuls efficient."""
+BLOCK_COST = 4096
+"""The overhead of one block's products (one batch row or all of them), in score elements per head."""
+MIN_SAVING = 0.8
+"""Blocks run only when they cost at most this share of the dense product."""
+
+Span = tuple[int, int, int, int]  # query rows [s, e), keys [lo, hi)
+Plan = tuple[bool, list[list[Span]]]  # (per row, spans per row | one shared list)
+
+_cache: list = [None, None]  # [weakref to the last mask, (its shapes, its plan)]: a forward's layers share it
+
+
+def live_keys(mask: torch.Tensor) -> torch.Tensor:
+    """(B|1, T, Tk) bool: True where a query attends a key (a bool mask, or an additive one above its
+    dtype's most negative half)."""
+    m = mask[:, 0]
+    return m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+
+
+def key_bounds(live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi) (B|1, T): each query row's first and one-past-last attended key; a row attending none
+    gets (0, Tk), the whole row, as the dense softmax spreads it."""
+    tk = live.shape[-1]
+    idx = torch.arange(tk, device=live.device)
+    lo = torch.where(live, idx, tk).amin(-1)
+    hi = torch.where(live, idx, -1).amax(-1) + 1
+    none = hi == 0
+    return lo.masked_fill(none, 0), hi.masked_fill(none, tk)
+
+
+def block_span(mask_b: torch.Tensor | None, tk: int) -> tuple[int, int]:
+    """[lo, hi): the keys any query row of this block (B|1, 1, [1,] bq, Tk) attends (blockwise.py)."""
+    if mask_b is None:
+        return 0, tk
+    lo, hi = key_bounds(live_keys(mask_b.reshape(mask_b.shape[0], 1, -1, tk)))
+    return int(lo.min()), int(hi.max())
+
+
+def _row_blocks(lo: list[int], hi: list[int], cuts: bool) -> list[Span]:
+    spans, s = [], 0
+    for i in range(1, len(lo) + 1):
+        if i == len(lo) or i - s >= BLOCK or (cuts and lo[i] == i):
+            spans.append((s, i, min(lo[s:i]), max(hi[s:i])))
+            s = i
+    return spans
+
+
+def _cost(spans: list[Span], rows: int = 1) -> int:
+    """Score elements of `rows` batch rows computed over these spans, plus one overhead per block."""
+    return sum(rows * (e - s) * (hi - lo) + BLOCK_COST for s, e, lo, hi in spans)
+
+
+def plan(mask: torch.Tensor | None, batch: int, t: int, tk: int) -> Plan | None:
+    """The cheaper of the shared and per-row blocks for this mask, or None (dense) when neither costs
+    at most MIN_SAVING of the dense product."""
+    if mask is None or t < 2 * 64:
+        return None
+    if _cache[0] is not None and _cache[0]() is mask and _cache[1][0] == (batch, t, tk):
+        return _cache[1][1]
+    lo, hi = key_bounds(live_keys(mask[..., :tk]))  # (B|1, T)
+    shared = _row_blocks(lo.amin(0).tolist(), hi.amax(0).tolist(), cuts=False)
+    options = [(_cost(shared, batch), (False, [shared]))]
+    if lo.shape[0] == batch:  # a mask per row: packed rows differ in where their examples start
+        rows = [_row_blocks(lo[r].tolist(), hi[r].tolist(), cuts=True) for r in range(batch)]
+        options.append((sum(_cost(r) for r in rows), (True, rows)))
+    cost, best = min(options, key=lambda o: o[0])
+    chosen = best if cost <= MIN_SAVING * _cost([(0, t, 0, tk)], batch) else None
+    _cache[0], _cache[1] = weakref.ref(mask), ((batch, t, tk), chosen)
+    return chosen
+
+
+def causal_columns(batch: int, t: int, tk: int) -> float:
+    """Mean keys per query row that a causal batch's scores span (the shared plan, or every key when
+    it stays dense): the estimator's probabilities per row. Keys before the row's own (a prefix) count
+    for every row."""
+    if t < 2 * 64:
+        return tk
+    offset = tk - t
+    shared = [(s, min(s + BLOCK, t), 0, offset + min(s + BLOCK, t)) for s in range(0, t, BLOCK)]
+    if _cost(shared, batch) > MIN_SAVING * _cost([(0, t, 0, tk)], batch):
+        return tk
+    return sum((e - s) * (hi - lo) for s, e, lo, hi in shared) / t
+
+
+def span_attention(qs: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                   chosen: Plan) -> torch.Tensor:
+    """softmax(qs kᵀ + mask) v block by block over the planned spans. qs: pre-scaled (B, hk, g, T, d);
+    key, value (B, hk, Tk, d); mask additive or bool (B|1, 1, T, ≥Tk). Returns (B, hk, g, T, d)."""
+    per_row, spans = chosen
+    groups = [(slice(r, r + 1), s) for r, s in enumerate(spans)] if per_row else [(slice(None), spans[0])]
+    out = []
+    for rows, row_spans in groups:
+        m = mask[rows] if mask.shape[0] > 1 else mask
+        q_r, k_r, v_r = qs[rows], key[rows], value[rows]
+        b, hk, g, _, d = q_r.shape
+        parts = []
+        for s, e, lo, hi in row_spans:
+            q_b = q_r[:, :, :, s:e].reshape(b, hk, g * (e - s), d)
+            scores = torch.matmul(q_b, k_r[:, :, lo:hi].transpose(-1, -2)).view(b, hk, g, e - s, hi - lo)
+            m_b = m[:, :, None, s:e, lo:hi]  # (B|1, 1, 1, e−s, hi−lo)
+            if m_b.dtype == torch.bool:
+                scores = scores.masked_fill(~m_b, torch.finfo(scores.dtype).min)
+            else:
+                scores = scores + m_b.to(scores.dtype)
+            probs = torch.softmax(scores, dim=-1).view(b, hk, g * (e - s), hi - lo)
+            parts.append(torch.matmul(probs, v_r[:, :, lo:hi]).view(b, hk, g, e - s, d))
+        out.append(torch.cat(parts, dim=3))
+    return torch.cat(out, dim=0) if len(out) > 1 else out[0]
