@@ -59,6 +59,7 @@ def export_peft(delta: str | Path, out: str | Path) -> Path:
         raise UserError("peft export needs transformers' own head (--pooling hf); this delta uses "
                         f"--pooling {meta['backbone']['pooling']}")
     refuse_seq2seq_prompts(meta, method.PEFT_TYPE)
+    refuse_conv1d_lycoris(meta, method.PEFT_TYPE)
     fields, method_tensors = method.to_peft(config, tensors)
     head_modules = sorted({name.rsplit(".", 1)[0] for name in meta.get("head_names", [])})
     adapter_config = {
@@ -92,6 +93,19 @@ def label_config(meta: dict) -> dict | None:
         base = {}
     return {**base, "id2label": {str(i): name for i, name in enumerate(names)},
             "label2id": {name: i for i, name in enumerate(names)}}
+
+
+CONV1D_MODEL_TYPES = ("gpt2",)
+"""Models whose projections are transformers' Conv1D (weight stored (in, out))."""
+
+
+def refuse_conv1d_lycoris(meta: dict, peft_type: str) -> None:
+    """peft's LoHa and LoKr wrap nn.Linear / Conv1d / Conv2d only: on GPT-2's Conv1D projections its loader
+    raises TypeError, so such an adapter is refused here instead of written unloadable."""
+    model_type = meta["backbone"].get("model_type", "")
+    if peft_type in ("LOHA", "LOKR") and model_type in CONV1D_MODEL_TYPES:
+        raise UserError(f"peft's {peft_type} has no layer for {model_type}'s Conv1D projections (peft would refuse "
+                        "the adapter on load): use the deltatune delta itself, or `export --format merged`")
 
 
 def refuse_seq2seq_prompts(meta: dict, peft_type: str) -> None:

@@ -372,6 +372,13 @@ def test_peft_lora_and_dora_configs_go_to_their_own_method():
         method_for_peft({"peft_type": "BOFT"})
 
 
+@pytest.mark.parametrize("name", ["loha", "lokr"])
+def test_loha_lokr_on_gpt2_conv1d_are_refused_at_export_not_written_unloadable(tiny_dir, tmp_path, name):
+    with pytest.raises(UserError, match=f"peft's {name.upper()} has no layer for gpt2's Conv1D"):
+        export_a_random_delta(tiny_dir("gpt2"), name, {}, tmp_path)
+    assert not (tmp_path / "peft").exists()
+
+
 def test_vera_on_gpt2_conv1d_goes_to_peft_and_back(tiny_dir, tmp_path):
     """GPT-2's fused Conv1D c_attn (peft has no LoHa / LoKr for Conv1D; its VeRA reads it transposed)."""
     path = tiny_dir("gpt2")

@@ -37,7 +37,9 @@ MIN_SAVING = 0.8
 Span = tuple[int, int, int, int]  # query rows [s, e), keys [lo, hi)
 Plan = tuple[bool, list[list[Span]]]  # (per row, spans per row | one shared list)
 
-_cache: list = [None, None]  # [weakref to the last mask, (its shapes, its plan)]: a forward's layers share it
+_last: tuple | None = None
+"""(weakref to the last mask, (B, T, Tk), its plan): a forward's layers share one mask. One tuple, read
+and replaced whole, so threads decoding side by side never pair one mask with another's plan."""
 
 
 def live_keys(mask: torch.Tensor) -> torch.Tensor:
@@ -85,8 +87,10 @@ def plan(mask: torch.Tensor | None, batch: int, t: int, tk: int) -> Plan | None:
     at most MIN_SAVING of the dense product."""
     if mask is None or t < 2 * 64:
         return None
-    if _cache[0] is not None and _cache[0]() is mask and _cache[1][0] == (batch, t, tk):
-        return _cache[1][1]
+    global _last
+    last = _last
+    if last is not None and last[0]() is mask and last[1] == (batch, t, tk):
+        return last[2]
     lo, hi = key_bounds(live_keys(mask[..., :tk]))  # (B|1, T)
     shared = _row_blocks(lo.amin(0).tolist(), hi.amax(0).tolist(), cuts=False)
     options = [(_cost(shared, batch), (False, [shared]))]
@@ -95,7 +99,7 @@ def plan(mask: torch.Tensor | None, batch: int, t: int, tk: int) -> Plan | None:
         options.append((sum(_cost(r) for r in rows), (True, rows)))
     cost, best = min(options, key=lambda o: o[0])
     chosen = best if cost <= MIN_SAVING * _cost([(0, t, 0, tk)], batch) else None
-    _cache[0], _cache[1] = weakref.ref(mask), ((batch, t, tk), chosen)
+    _last = (weakref.ref(mask), (batch, t, tk), chosen)
     return chosen
 
 
