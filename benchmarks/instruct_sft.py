@@ -198,7 +198,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="both sides' seed (LoRA init, data order)")
     parser.add_argument("--eval-steps", type=int, default=0,
                         help="deltatune validates every N steps (outside its clock): the time to reach trl's final loss")
-    parser.add_argument("--only", choices=("deltatune", "trl", "both"), default="both")
+    parser.add_argument("--only", choices=("deltatune", "trl", "both", "speed"), default="both",
+                        help="whole runs of one side, of both, or none (speed: the interleaved steps only)")
     parser.add_argument("--interleave-rounds", type=int, default=3, help="0 skips the speed phase")
     parser.add_argument("--interleave-steps", type=int, default=2)
     parser.add_argument("--json", help="also write the result here")
@@ -251,7 +252,7 @@ def main() -> None:
                       "load_before": before, "load_after": load()}
         print(f"trl: {json.dumps(out['trl'])}", file=sys.stderr, flush=True)
         del trainer
-    if args.only == "both" and args.interleave_rounds > 0:
+    if args.only in ("both", "speed") and args.interleave_rounds > 0:
         variants = {"deltatune": deltatune_steps(model_path, train_rows, 0, args.precision),
                     "trl": trl_steps(model_path, task, rows_per_step, 0, args.precision)}
         before = load()

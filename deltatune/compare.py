@@ -28,6 +28,7 @@ from deltatune.io import claim_run, run_folder, write_json_atomic, write_text_at
 from deltatune.methods import REGISTRY, method_names, resolve_method
 from deltatune.options import AtLeastOne
 from deltatune.report import add_inference_overhead, markdown_table, plot_accuracy_vs_params
+from deltatune.runtime import set_threads
 
 DEFAULT_METHODS = "features,head,last2,full,lora,bitfit"
 DEFAULT_TASK = "rotten-tomatoes"
@@ -122,7 +123,8 @@ def compare(*, methods: str = DEFAULT_METHODS, out: str = "runs/compare", data: 
         pooling: auto (the model's sentence-transformers pooling if it declares one, else hf), hf
             (transformers' own head), mean, cls or last.
         set_: Method option, `METHOD.KEY=VALUE` for one method or `KEY=VALUE` for every method that has it.
-        threads: torch intra-op threads per child process.
+        threads: torch intra-op threads per child process (and for this process's own measurements:
+            the base model's row, the inference overhead).
         nproc: Train each method on N processes of this machine (each child runs under torchrun).
         seeds: Comma-separated seeds (0,1,2): train each method once per seed and report mean ± std.
     """
@@ -135,6 +137,7 @@ def compare(*, methods: str = DEFAULT_METHODS, out: str = "runs/compare", data: 
     for name in names:  # unknown names, bad options or flags: refused before any training starts
         check_options(name, set_, prompt)
     training.validate()
+    set_threads(threads)  # the base row and the inference timings run here, on the children's thread count
     seed_values = seed_list(seeds)
     claim_run(out, "compare", names)  # and an output path deltatune may not write over
     if not (data.task or data.data):

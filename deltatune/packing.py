@@ -25,11 +25,11 @@ from deltatune.errors import UserError
 from deltatune.rendering import IGNORE
 
 ROW_TOKENS = 256
-"""Packed row length. The attention of a packed row is computed densely under the block-diagonal mask,
-so its cost grows with the row's length squared: rows of 1,024 tokens trained 0.91x as fast as rows of
-256 on chatterbot. Against length-bucketed batches (which leave 9% / 3% padding on chatterbot / instruct)
-rows of 256 run 1.04x / 0.98x; attending each example alone instead of under the row's mask was tried and
-measured level (benchmarks/RESULTS.md, session 12)."""
+"""Packed row length. A packed row's attention reads, per block of queries, only the keys of the examples
+in that block (fast/spans.py): with ~100-token examples a row of 256 computes ~40% of its T x T scores.
+Rows of 512 ran 0.84x as fast as rows of 256 on `instruct` (past 512 x 512 scores attention recomputes
+its probabilities in backward, fast/blockwise.py); rows of 256 ran 1.07x the real tokens/s of
+length-bucketed batches there (benchmarks/RESULTS.md, session 13)."""
 
 
 def refuse_packing(method, seq2seq: bool, generation: bool) -> None:

@@ -63,7 +63,7 @@ def test_models_train_through_blockwise_attention_with_the_same_gradients(tiny_d
     from deltatune.methods import resolve_method
 
     calls = []
-    real = blockwise.BlockwiseAttention.apply
+    real = blockwise.blockwise_attention
     monkeypatch.setattr(attention, "blockwise_attention", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(0)
     tm = load_task_model(tiny_dir(kind), num_labels=2, pooling="hf")

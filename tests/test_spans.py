@@ -61,10 +61,10 @@ def test_packed_rows_attend_only_their_examples_spans():
     t = 256
     mask = packed_mask([[100, 90, 50], [40, 120, 96], [256]], t)
     chosen = spans.plan(mask, 3, t, t)
-    assert chosen is not None and chosen[0]  # per row: the rows' examples start at different places
-    row0 = chosen[1][0]
+    assert chosen is not None and {rows.start for rows, *_ in chosen} == {0, 1, 2}  # per row: examples differ
+    row0 = [tuple(span) for rows, *span in chosen if rows.start == 0]
     assert (0, 64, 0, 64) in row0 and (100, 164, 100, 164) in row0  # blocks cut at the example starts
-    computed = sum((e - s) * (hi - lo) for r in chosen[1] for s, e, lo, hi in r)
+    computed = sum((e - s) * (hi - lo) for _, s, e, lo, hi in chosen)
     assert computed < 0.5 * 3 * t * t
     assert_matches_dense(*qkv(3, t), mask)
 
@@ -74,8 +74,8 @@ def test_causal_padded_rows_share_blocks_and_left_padding_keeps_every_key(monkey
     t = 192
     mask = packed_mask([[192], [150]], t)  # causal; row 1 right-padded
     chosen = spans.plan(mask, 2, t, t)
-    assert chosen is not None and not chosen[0]  # one set of blocks for both rows
-    assert chosen[1][0][0] == (0, 64, 0, 64)  # the first block reads the first 64 keys only
+    assert chosen is not None and all(rows == slice(None) for rows, *_ in chosen)  # blocks shared by both rows
+    assert chosen[0][1:] == (0, 64, 0, 64)  # the first block reads the first 64 keys only
     assert_matches_dense(*qkv(2, t), mask)
     left = packed_mask([[192], [192]], t)
     left[1, :, :, :7] = NEG  # row 1 left-padded by 7: its first 7 queries attend no key
@@ -115,7 +115,7 @@ def test_the_estimators_columns_follow_the_plan(monkeypatch):
     for batch, t in ((8, 256), (8, 384), (1, 200)):
         mask = packed_mask([[t]] * batch, t)
         chosen = spans.plan(mask, batch, t, t)
-        computed = t * t if chosen is None else sum((e - s) * (hi - lo) for s, e, lo, hi in chosen[1][0])
+        computed = t * t if chosen is None else sum((e - s) * (hi - lo) for _, s, e, lo, hi in chosen)
         assert spans.causal_columns(batch, t, t) == computed / t
     assert spans.causal_columns(8, 256, 256) == 192  # blocks [0, 128) and [128, 256): 128 + 256 keys
     assert spans.causal_columns(1, 200, 200) == 200  # one short row: dense

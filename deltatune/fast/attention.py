@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.fast import spans
-from deltatune.fast.blockwise import blockwise_attention
+from deltatune.fast.blockwise import block_attention, blockwise_attention
 
 NAME = "deltatune_explicit"
 SDPA_NAME = "deltatune_sdpa"
@@ -63,19 +63,14 @@ def explicit_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     (B|1, 1, T, ≥Tk) or bool (True: attended)."""
     b, h, t, d = query.shape
     kv_heads, tk = key.shape[1], key.shape[2]
-    if dropout == 0 and t * tk >= BLOCKWISE_MIN and torch.is_grad_enabled() and (
-            query.requires_grad or key.requires_grad or value.requires_grad):
-        if mask is not None:  # long sequences in training: keep no (B, h, T, Tk) P for backward
-            mask = mask[..., :tk]
-            if mask.dtype == torch.bool:
-                mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill(
-                    ~mask, torch.finfo(query.dtype).min)
-        return blockwise_attention(query, key, value, mask, scaling)
+    if dropout == 0:
+        grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+        if grad and t * tk >= BLOCKWISE_MIN:  # long sequences in training: keep no (B, h, T, Tk) P for backward
+            return blockwise_attention(query, key, value, additive(mask, tk, query.dtype), scaling)
+        blocks = spans.plan(mask, b, t, tk)  # causal / packed rows: only the key span each block attends
+        if blocks is not None:
+            return block_attention(query, key, value, additive(mask, tk, query.dtype), scaling, blocks, keep=grad)
     groups = h // kv_heads
-    chosen = spans.plan(mask, b, t, tk) if dropout == 0 else None
-    if chosen is not None:  # causal / packed rows: only the key span each block of queries attends
-        qs = (query * scaling).view(b, kv_heads, groups, t, d)
-        return spans.span_attention(qs, key, value, mask, chosen).view(b, h, t, d)
     q = (query * scaling).reshape(b, kv_heads, groups * t, d)  # query heads of one k/v head stacked
     scores = torch.matmul(q, key.transpose(-1, -2)).view(b, h, t, tk)  # (B, h, T, Tk)
     if mask is not None:
@@ -88,6 +83,16 @@ def explicit_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if dropout > 0:
         probs = F.dropout(probs, p=dropout, training=True)
     return torch.matmul(probs.view(b, kv_heads, groups * t, tk), value).view(b, h, t, d)  # (B, h, T, d)
+
+
+def additive(mask: torch.Tensor | None, tk: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """The mask over the first tk keys as an additive one (a bool mask: 0 where True, dtype's min else)."""
+    if mask is None:
+        return None
+    mask = mask[..., :tk]
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 def sdpa_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,

@@ -37,7 +37,7 @@ def block_size(b: int, h: int, t: int, tk: int) -> int:
 
 
 def _probs(q_b: torch.Tensor, k: torch.Tensor, mask_b: torch.Tensor | None) -> torch.Tensor:
-    # q_b (pre-scaled): (B, hk, g, bq, d), k: (B, hk, Tk, d) -> P (B, hk, g·bq, Tk)
+    # q_b (pre-scaled): (B, hk, g, bq, d), k: (B, hk, Tk, d), mask_b (B|1, 1, 1, bq, Tk) -> P (B, hk, g·bq, Tk)
     b, hk, g, bq, d = q_b.shape
     s = torch.matmul(q_b.reshape(b, hk, g * bq, d), k.transpose(-1, -2))  # (B, hk, g·bq, Tk)
     if mask_b is not None:
@@ -45,58 +45,81 @@ def _probs(q_b: torch.Tensor, k: torch.Tensor, mask_b: torch.Tensor | None) -> t
     return torch.softmax(s, dim=-1)
 
 
-class BlockwiseAttention(torch.autograd.Function):
+Block = tuple[slice, int, int, int, int]
+"""(batch rows, query rows [s, e), keys [lo, hi)): one block's product."""
+
+
+def _select(mask5: torch.Tensor | None, rows: slice, s: int, e: int, lo: int, hi: int) -> torch.Tensor | None:
+    """The block's (B|1, 1, 1, e−s, hi−lo) slice of the (B|1, 1, 1, T, Tk) mask (a one-row mask serves all)."""
+    if mask5 is None:
+        return None
+    return mask5[rows if mask5.shape[0] > 1 else slice(None), ..., s:e, lo:hi]
+
+
+class BlockAttention(torch.autograd.Function):
+    """softmax(q kᵀ · scale + mask) v over the given blocks (every query row in exactly one), one autograd
+    node for all of them: dK and dV accumulate in place (no per-block slice gradients). keep=True saves
+    each block's P (short sequences, fast/spans.py); keep=False recomputes it in backward (long ones)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, mask, scale: float):
+    def forward(ctx, q, k, v, mask, scale: float, blocks: list[Block], keep: bool):
         # q: (B, h, T, d), k, v: (B, hk, Tk, d), mask: (B|1, 1, T, Tk) additive or None -> (B, h, T, d)
         b, h, t, d = q.shape
-        hk, tk = k.shape[1], k.shape[2]
+        hk = k.shape[1]
         g = h // hk
         qs = (q * scale).view(b, hk, g, t, d)
         m5 = mask.unsqueeze(2) if mask is not None else None  # (B|1, 1, 1, T, Tk)
         out = torch.empty_like(qs)
-        step = block_size(b, h, t, tk)
-        for start in range(0, t, step):
-            rows = slice(start, start + step)
-            m_b = m5[..., rows, :] if m5 is not None else None
-            lo, hi = block_span(m_b, tk)
-            p = _probs(qs[:, :, :, rows], k[:, :, lo:hi], m_b[..., lo:hi] if m_b is not None else None)
-            out[:, :, :, rows] = torch.matmul(p.to(v.dtype), v[:, :, lo:hi]).view(b, hk, g, -1, d)
+        probs = []
+        for rows, s, e, lo, hi in blocks:
+            p = _probs(qs[rows, :, :, s:e], k[rows, :, lo:hi], _select(m5, rows, s, e, lo, hi))  # (b', hk, g·bq, n)
+            out[rows, :, :, s:e] = torch.matmul(p.to(v.dtype), v[rows, :, lo:hi]).view(p.shape[0], hk, g, -1, d)
+            if keep:
+                probs.append(p)
         ctx.save_for_backward(qs, k, v, mask if mask is not None else torch.empty(0))
-        ctx.scale, ctx.has_mask = scale, mask is not None
+        ctx.scale, ctx.has_mask, ctx.blocks, ctx.probs = scale, mask is not None, blocks, probs
         return out.view(b, h, t, d)
 
     @staticmethod
     def backward(ctx, grad_out):
         qs, k, v, mask = ctx.saved_tensors
         b, hk, g, t, d = qs.shape
-        tk = k.shape[2]
         do5 = grad_out.reshape(b, hk, g, t, d).to(qs.dtype)
         m5 = mask.unsqueeze(2) if ctx.has_mask else None
         dq = torch.empty_like(qs)
         acc = torch.promote_types(k.dtype, torch.float32)  # K/V gradients summed over blocks in fp32
         dk = torch.zeros(k.shape, dtype=acc, device=k.device)
         dv = torch.zeros(v.shape, dtype=acc, device=v.device)
-        step = block_size(b, hk * g, t, tk)
-        for start in range(0, t, step):
-            rows = slice(start, start + step)
-            q_b = qs[:, :, :, rows]  # (B, hk, g, bq, d)
-            bq = q_b.shape[3]
-            m_b = m5[..., rows, :] if m5 is not None else None
-            lo, hi = block_span(m_b, tk)  # keys outside [lo, hi) get no gradient from this block
-            k_b, v_b = k[:, :, lo:hi], v[:, :, lo:hi]
-            p = _probs(q_b, k_b, m_b[..., lo:hi] if m_b is not None else None)  # (B, hk, g·bq, hi−lo)
-            do_b = do5[:, :, :, rows].reshape(b, hk, g * bq, d)
-            dv[:, :, lo:hi] += torch.matmul(p.transpose(-1, -2).to(do_b.dtype), do_b)  # (B, hk, hi−lo, d)
-            dp = torch.matmul(do_b, v_b.transpose(-1, -2)).to(p.dtype)  # (B, hk, g·bq, hi−lo)
+        for i, (rows, s, e, lo, hi) in enumerate(ctx.blocks):
+            q_b = qs[rows, :, :, s:e]  # (b', hk, g, bq, d)
+            n, bq = q_b.shape[0], e - s
+            k_b, v_b = k[rows, :, lo:hi], v[rows, :, lo:hi]  # keys outside [lo, hi) get nothing from this block
+            p = ctx.probs[i] if ctx.probs else _probs(q_b, k_b, _select(m5, rows, s, e, lo, hi))  # (b', hk, g·bq, n)
+            do_b = do5[rows, :, :, s:e].reshape(n, hk, g * bq, d)
+            dv[rows, :, lo:hi] += torch.matmul(p.transpose(-1, -2).to(do_b.dtype), do_b)  # (b', hk, n, d)
+            dp = torch.matmul(do_b, v_b.transpose(-1, -2)).to(p.dtype)  # (b', hk, g·bq, n)
             ds = torch._softmax_backward_data(dp, p, -1, p.dtype)
-            dq[:, :, :, rows] = torch.matmul(ds, k_b).view(b, hk, g, bq, d)
-            dk[:, :, lo:hi] += torch.matmul(ds.transpose(-1, -2), q_b.reshape(b, hk, g * bq, d))
+            dq[rows, :, :, s:e] = torch.matmul(ds, k_b).view(n, hk, g, bq, d)
+            dk[rows, :, lo:hi] += torch.matmul(ds.transpose(-1, -2), q_b.reshape(n, hk, g * bq, d))
+        ctx.probs = None
         dq = (dq * ctx.scale).view(b, hk * g, t, d)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                    blocks: list[Block], keep: bool) -> torch.Tensor:
+    """softmax(q kᵀ · scale + mask) v over `blocks`: (B, h, T, d)."""
+    return BlockAttention.apply(q, k, v, mask, scale, blocks, keep)
 
 
 def blockwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                         scale: float) -> torch.Tensor:
-    """softmax(q kᵀ · scale + mask) v without keeping the probabilities: (B, h, T, d)."""
-    return BlockwiseAttention.apply(q, k, v, mask, scale)
+    """softmax(q kᵀ · scale + mask) v without keeping the probabilities: (B, h, T, d). Blocks of
+    `block_size` query rows over all batch rows, each over the key span its rows attend."""
+    b, h, t, _ = q.shape
+    tk = k.shape[2]
+    step = block_size(b, h, t, tk)
+    m5 = mask.unsqueeze(2) if mask is not None else None
+    blocks = [(slice(None), s, min(s + step, t), *block_span(m5[..., s:s + step, :] if m5 is not None else None, tk))
+              for s in range(0, t, step)]
+    return block_attention(q, k, v, mask, scale, blocks, keep=False)

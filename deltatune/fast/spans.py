@@ -9,7 +9,7 @@ never computed.
 
 Two plans, the cheaper one runs (or the dense product, when neither saves enough):
     shared    blocks of BLOCK rows, spans the union over the batch's rows: one batched product per block
-              (length-bucketed rows: the causal upper triangle, ~1/3 of S at 256 tokens)
+              (length-bucketed rows: the causal triangle's blocks past the diagonal, 1/4 of S at 256)
     per row   each row its own blocks, cut at its packed examples' starts: a packed row of 256 tokens
               holding ~100-token examples computes ~40% of S, where the shared union would keep most of it
 The cost model counts score elements plus a fixed cost per block (the Python and kernel-launch overhead
@@ -17,7 +17,8 @@ of the block's few small matmuls), measured on a 1-thread CPU (benchmarks/RESULT
 
 Exact: a block's softmax sees the same live keys as the dense row; a block holding a query row that
 attends no key at all (left padding's first positions) keeps every key, as the dense softmax would.
-The spans are read once per mask (every layer of a forward receives the same mask tensor).
+The spans are read once per mask (every layer of a forward receives the same mask tensor). The blocks
+run as one autograd node (fast/blockwise.py `block_attention`, keeping each block's P for backward).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ MIN_SAVING = 0.8
 """Blocks run only when they cost at most this share of the dense product."""
 
 Span = tuple[int, int, int, int]  # query rows [s, e), keys [lo, hi)
-Plan = tuple[bool, list[list[Span]]]  # (per row, spans per row | one shared list)
+Block = tuple[slice, int, int, int, int]  # (batch rows, s, e, lo, hi): what blockwise.block_attention runs
 
 _last: tuple | None = None
 """(weakref to the last mask, (B, T, Tk), its plan): a forward's layers share one mask. One tuple, read
@@ -82,7 +83,7 @@ def _cost(spans: list[Span], rows: int = 1) -> int:
     return sum(rows * (e - s) * (hi - lo) + BLOCK_COST for s, e, lo, hi in spans)
 
 
-def plan(mask: torch.Tensor | None, batch: int, t: int, tk: int) -> Plan | None:
+def plan(mask: torch.Tensor | None, batch: int, t: int, tk: int) -> list[Block] | None:
     """The cheaper of the shared and per-row blocks for this mask, or None (dense) when neither costs
     at most MIN_SAVING of the dense product."""
     if mask is None or t < 2 * 64:
@@ -93,10 +94,11 @@ def plan(mask: torch.Tensor | None, batch: int, t: int, tk: int) -> Plan | None:
         return last[2]
     lo, hi = key_bounds(live_keys(mask[..., :tk]))  # (B|1, T)
     shared = _row_blocks(lo.amin(0).tolist(), hi.amax(0).tolist(), cuts=False)
-    options = [(_cost(shared, batch), (False, [shared]))]
+    options = [(_cost(shared, batch), [(slice(None), *span) for span in shared])]
     if lo.shape[0] == batch:  # a mask per row: packed rows differ in where their examples start
         rows = [_row_blocks(lo[r].tolist(), hi[r].tolist(), cuts=True) for r in range(batch)]
-        options.append((sum(_cost(r) for r in rows), (True, rows)))
+        options.append((sum(_cost(r) for r in rows),
+                        [(slice(r, r + 1), *span) for r, spans in enumerate(rows) for span in spans]))
     cost, best = min(options, key=lambda o: o[0])
     chosen = best if cost <= MIN_SAVING * _cost([(0, t, 0, tk)], batch) else None
     _last = (weakref.ref(mask), (batch, t, tk), chosen)
@@ -114,29 +116,3 @@ def causal_columns(batch: int, t: int, tk: int) -> float:
     if _cost(shared, batch) > MIN_SAVING * _cost([(0, t, 0, tk)], batch):
         return tk
     return sum((e - s) * (hi - lo) for s, e, lo, hi in shared) / t
-
-
-def span_attention(qs: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                   chosen: Plan) -> torch.Tensor:
-    """softmax(qs kᵀ + mask) v block by block over the planned spans. qs: pre-scaled (B, hk, g, T, d);
-    key, value (B, hk, Tk, d); mask additive or bool (B|1, 1, T, ≥Tk). Returns (B, hk, g, T, d)."""
-    per_row, spans = chosen
-    groups = [(slice(r, r + 1), s) for r, s in enumerate(spans)] if per_row else [(slice(None), spans[0])]
-    out = []
-    for rows, row_spans in groups:
-        m = mask[rows] if mask.shape[0] > 1 else mask
-        q_r, k_r, v_r = qs[rows], key[rows], value[rows]
-        b, hk, g, _, d = q_r.shape
-        parts = []
-        for s, e, lo, hi in row_spans:
-            q_b = q_r[:, :, :, s:e].reshape(b, hk, g * (e - s), d)
-            scores = torch.matmul(q_b, k_r[:, :, lo:hi].transpose(-1, -2)).view(b, hk, g, e - s, hi - lo)
-            m_b = m[:, :, None, s:e, lo:hi]  # (B|1, 1, 1, e−s, hi−lo)
-            if m_b.dtype == torch.bool:
-                scores = scores.masked_fill(~m_b, torch.finfo(scores.dtype).min)
-            else:
-                scores = scores + m_b.to(scores.dtype)
-            probs = torch.softmax(scores, dim=-1).view(b, hk, g * (e - s), hi - lo)
-            parts.append(torch.matmul(probs, v_r[:, :, lo:hi]).view(b, hk, g, e - s, d))
-        out.append(torch.cat(parts, dim=3))
-    return torch.cat(out, dim=0) if len(out) > 1 else out[0]
