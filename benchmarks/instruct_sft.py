@@ -20,6 +20,7 @@ Two phases, in one process:
    --interleave-steps steps of each on the same batches), so both see the same machine load; the median
    round gives seconds per step and real (non-pad) tokens per second. trl's step is its own
    `training_step` (its loss plus the token-accuracy/entropy metrics it logs) + clipping + AdamW.
+   `--only speed` runs this phase alone (`--only deltatune|trl` the first phase for one side).
 Needs the `bench` extra: `.venv/bin/pip install -e ".[bench]"` (trl).
 """
 

@@ -1,11 +1,13 @@
-"""Attention that keeps no T x Tk probability matrix for backward (FlashAttention's recomputation, in torch).
+"""Attention computed block by block of queries, one autograd node for all blocks; for long sequences it
+keeps no T x Tk probability matrix for backward (FlashAttention's recomputation, in torch).
 
-    forward, per block of queries (all heads):                 saved for backward: Q, K, V, O, mask
+    forward, per block of queries (all heads):                 saved for backward: Q, K, V, mask
+                                                               (+ each block's P when keep=True)
         S = (Q_b · scale) Kᵀ + mask_b        (B, hk, g·bq, Tk)
         P = softmax(S)                       fused kernel: input dtype, fp32 sums (as explicit attention)
         O_b = P V                            (B, hk, g·bq, d)
     backward, per block of queries:
-        P = softmax((Q_b · scale) Kᵀ + mask_b)                  recomputed, never stored
+        P = softmax((Q_b · scale) Kᵀ + mask_b)                  recomputed (keep=False) or the saved one
         dV += Pᵀ dO_b         dP = dO_b Vᵀ
         dS = P ⊙ (dP − rowsum(dP ⊙ P))       torch's fused softmax backward
         dQ_b = dS K · scale   dK += dSᵀ (Q_b · scale)
