@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import assert_same_with_grads
 
 from deltatune.fast import attention as attention_impl
 from deltatune.fast import blockwise, spans
@@ -43,12 +44,7 @@ def qkv(b, t, h=4, hk=2, d=8):
 
 
 def assert_matches_dense(q, k, v, mask):
-    ours = attention_impl.explicit_kernel(q, k, v, mask, 0.3)
-    ref = dense(q, k, v, mask, 0.3)
-    torch.testing.assert_close(ours, ref)
-    up = torch.randn_like(ref)
-    for a, r in zip(torch.autograd.grad(ours, (q, k, v), up), torch.autograd.grad(ref, (q, k, v), up)):
-        torch.testing.assert_close(a, r)
+    assert_same_with_grads(attention_impl.explicit_kernel(q, k, v, mask, 0.3), dense(q, k, v, mask, 0.3), (q, k, v))
 
 
 @pytest.fixture(autouse=True)
@@ -100,12 +96,7 @@ def test_blockwise_attention_skips_other_examples_of_a_packed_row(monkeypatch):
     mask = packed_mask([[30, 34]], t)
     assert blockwise.block_span(mask[..., 32:48, :].unsqueeze(2), t) == (30, 48)  # the second example only
     q, k, v = qkv(1, t)
-    ours = blockwise.blockwise_attention(q, k, v, mask, 0.3)
-    ref = dense(q, k, v, mask, 0.3)
-    torch.testing.assert_close(ours, ref)
-    up = torch.randn_like(ref)
-    for a, r in zip(torch.autograd.grad(ours, (q, k, v), up), torch.autograd.grad(ref, (q, k, v), up)):
-        torch.testing.assert_close(a, r)
+    assert_same_with_grads(blockwise.blockwise_attention(q, k, v, mask, 0.3), dense(q, k, v, mask, 0.3), (q, k, v))
 
 
 def test_the_estimators_columns_follow_the_plan(monkeypatch):

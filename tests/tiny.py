@@ -48,6 +48,14 @@ def perturb(module: torch.nn.Module, scale: float = 0.3) -> None:
                 p.add_(scale * torch.randn_like(p))
 
 
+def assert_same_with_grads(ours: torch.Tensor, ref: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> None:
+    """Two computations of one function: equal outputs, and equal gradients of `inputs` for one upstream."""
+    torch.testing.assert_close(ours, ref)
+    upstream = torch.randn_like(ref)
+    for a, r in zip(torch.autograd.grad(ours, inputs, upstream), torch.autograd.grad(ref, inputs, upstream)):
+        torch.testing.assert_close(a, r)
+
+
 def prompt_encoder_grads(tm, batch: dict, checkpointing: bool) -> dict:
     """Gradients of the prompt encoder after one backward, with or without non-reentrant checkpointing."""
     module = tm.module
