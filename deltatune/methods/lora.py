@@ -122,8 +122,8 @@ class Config(Placement):
 def lora_update(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     """s · B A x for one task (A (r, k), B (d, r), s a number) or one per row (A (B, r, k), B (B, d, r),
     s (B, 1, 1): batched matmuls, Punica / S-LoRA)."""
-    # x: (B, T, k) -> (B, T, r) -> (B, T, d); s scales B (d·r values), not the (B, T, d) output
-    return (x @ a.transpose(-1, -2)) @ (b * scale).transpose(-1, -2)
+    # x: (B, T, k) -> (B, T, r) -> (B, T, d); s scales the (B, T, r) intermediate, not the (B, T, d) output
+    return ((x @ a.transpose(-1, -2)) * scale) @ b.transpose(-1, -2)
 
 
 def dense_weight(base_layer: nn.Module) -> torch.Tensor:
