@@ -116,8 +116,7 @@ def deltatune_steps(model_path: str, train_rows, seed: int, precision: str = "fp
     amp = autocast_precision(tm, precision)
     packed = pack_rows(train_rows, ROW_TOKENS)
     per_step = packed_batch_size(train_rows, packed, HYPER["batch_size"])
-    batches = [[packed[i] for i in b] for b in train_batches([len(r.input_ids) for r in packed], per_step, seed,
-                                                             bucket=False)]
+    batches = [[packed[i] for i in b] for b in train_batches([len(r.input_ids) for r in packed], per_step, seed)]
     params = [p for p in tm.module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=HYPER["lr"], weight_decay=HYPER["weight_decay"])
     forward, pad = training_forward(tm), tm.tokenizer.pad_token_id

@@ -58,7 +58,7 @@ def main() -> None:
     for n in (int(x) for x in args.row_tokens.split(",")):
         packed = pack_rows(rows, n, row_tokens=n)
         variants[f"packed-{n}"] = [[packed[i] for i in b] for b in train_batches(
-            [len(r.input_ids) for r in packed], packed_batch_size(rows, packed, args.batch_size), 0, bucket=False)]
+            [len(r.input_ids) for r in packed], packed_batch_size(rows, packed, args.batch_size), 0)]
     pad = tm.tokenizer.pad_token_id
     forward = training_forward(tm)
     state = {k: v.clone() for k, v in tm.module.state_dict().items() if "lora" in k or "lm_head" in k}

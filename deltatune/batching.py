@@ -48,14 +48,12 @@ def encode(tokenizer, examples: list[Example], max_length: int, split: str = "x"
             for i, ids in enumerate(out["input_ids"])]
 
 
-def train_batches(lengths: list[int], batch_size: int, seed: int, bucket: bool = True) -> list[list[int]]:
-    """Length-bucketed, shuffled batches of indices; every index appears exactly once. bucket=False:
-    uniformly shuffled (packed rows: all about as long, grouping them by length would only group by
-    content)."""
+def train_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
+    """Length-bucketed, shuffled batches of indices; every index appears exactly once."""
     rng = random.Random(seed)
     order = list(range(len(lengths)))
     rng.shuffle(order)
-    pool_size = batch_size * POOL_BATCHES if bucket else batch_size
+    pool_size = batch_size * POOL_BATCHES
     batches: list[list[int]] = []
     for start in range(0, len(order), pool_size):
         pool = sorted(order[start:start + pool_size], key=lambda i: lengths[i])

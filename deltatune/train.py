@@ -254,7 +254,6 @@ def _gradient_loop(task_model, method, method_config, train, validation, config,
                  if method.make_optimizer is not None
                  else build_optimizer(module, lr, config.weight_decay, groups, config.optimizer))
     lengths = [len(r.input_ids) for r in train]
-    packed = bool(train) and train[0].position_ids is not None  # --packing: rows of several examples
     causal = not getattr(task_model.module.config, "is_encoder_decoder", False)
     counts = [labelled_count(r, causal) for r in train]
     global_batch = config.batch_size * world.size  # rows per micro-batch over all ranks
@@ -288,7 +287,7 @@ def _gradient_loop(task_model, method, method_config, train, validation, config,
     pad_id = task_model.tokenizer.pad_token_id
     for epoch in range(pos.epoch, config.epochs + 1):
         set_train_mode(task_model, frozen_depth)
-        batches = train_batches(lengths, global_batch, seed=config.seed * 1000 + epoch, bucket=not packed)
+        batches = train_batches(lengths, global_batch, seed=config.seed * 1000 + epoch)
         bar = tqdm(range(pos.batch, len(batches)), desc=f"epoch {epoch}/{config.epochs}", leave=False,
                    disable=not (config.progress and world.main), unit="batch", initial=pos.batch,
                    total=len(batches))
