@@ -143,7 +143,7 @@ def initial_prompt(task_model: TaskModel, config: Config) -> torch.Tensor:
     rows = []
     if config.init == "labels":
         names = getattr(task_model, "label_names", None) or []  # set by the training workflow
-        if not names:
+        if not names and task_model.pooling != "lm":  # a generation task has no class names: vocab, quietly
             log.warning("init=labels: the class names are unknown here, using vocab-sampled tokens")
         for name in names[:n]:
             ids = tokenizer(name, add_special_tokens=False)["input_ids"] or sampled_vocab_ids(tokenizer, 1)
