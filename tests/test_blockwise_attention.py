@@ -4,17 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import reference_attention as reference
 
 from deltatune.fast import blockwise
-
-
-def reference(q, k, v, mask, scale):
-    g = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    s = q @ k.transpose(-1, -2) * scale
-    if mask is not None:
-        s = s + mask
-    return torch.softmax(s, -1) @ v
 
 
 def causal_padding_mask(b, t, tk, pad):

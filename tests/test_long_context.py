@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import assert_same_with_grads
+from tiny import assert_same_with_grads, reference_attention
 
 from deltatune import fast
 from deltatune.backbone import load_task_model
@@ -22,12 +22,6 @@ from deltatune.fast.precision import is_projection
 from deltatune.memory import rss_mb
 from deltatune.methods import resolve_method
 from deltatune.train import gradient_checkpointing
-
-
-def reference_attention(q, k, v, mask, scale):
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    return torch.softmax(q @ k.transpose(-1, -2) * scale + mask, dim=-1) @ v
 
 
 def test_blockwise_skips_the_causal_upper_triangle_exactly(monkeypatch):

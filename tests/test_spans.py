@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny import assert_same_with_grads
+from tiny import reference_attention as dense
 
 from deltatune.fast import attention as attention_impl
 from deltatune.fast import blockwise, spans
@@ -26,14 +27,6 @@ def packed_mask(lengths_per_row: list[list[int]], t: int) -> torch.Tensor:
         rows.append(allowed)
     allowed = torch.stack(rows)[:, None]
     return torch.zeros(allowed.shape, dtype=torch.float64).masked_fill(~allowed, NEG)
-
-
-def dense(q, k, v, mask, scale):
-    if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, NEG)
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    return torch.softmax(q @ k.transpose(-1, -2) * scale + mask, dim=-1) @ v
 
 
 def qkv(b, t, h=4, hk=2, d=8):

@@ -48,6 +48,17 @@ def perturb(module: torch.nn.Module, scale: float = 0.3) -> None:
                 p.add_(scale * torch.randn_like(p))
 
 
+def reference_attention(q, k, v, mask, scale):
+    """softmax(q kᵀ · scale + mask) v written plainly: k/v heads repeated for grouped queries; mask None,
+    additive, or bool (True: attended)."""
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, torch.finfo(q.dtype).min)
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = q @ k.transpose(-1, -2) * scale
+    return torch.softmax(scores if mask is None else scores + mask, dim=-1) @ v
+
+
 def assert_same_with_grads(ours: torch.Tensor, ref: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> None:
     """Two computations of one function: equal outputs, and equal gradients of `inputs` for one upstream."""
     torch.testing.assert_close(ours, ref)

@@ -29,6 +29,11 @@ def blockwise(seq: float, key_len: float) -> bool:
     return seq * key_len >= attention_impl.BLOCKWISE_MIN
 
 
+def score_columns(shapes: ModelShapes, batch: int, seq: float, key_len: float) -> float:
+    """Keys per query row the explicit kernel scores: a decoder's causal rows over their blocks' spans."""
+    return spans.causal_columns(batch, int(seq), int(key_len)) if shapes.is_decoder else key_len
+
+
 def block_elements(run: RunSettings, shapes: ModelShapes, seq: float, key_len: float) -> float:
     """Values of one query block's score tensor S (B, h, bq, Tk)."""
     b, heads = run.batch_size, shapes.heads
@@ -50,8 +55,7 @@ def deltatune_attention(tape: Tape, q: Act, k: Act, v: Act, shapes: ModelShapes,
             tape.keep(tensor)
         ctx = out.derived("ctx_heads", grad=True)
     else:
-        cols = spans.causal_columns(run.batch_size, int(seq), int(key_len)) if shapes.is_decoder else key_len
-        scores = tape.product(scaled, k, "scores", score_rows, cols)
+        scores = tape.product(scaled, k, "scores", score_rows, score_columns(shapes, run.batch_size, seq, key_len))
         masked = tape.new(scores.derived("scores_masked"))    # + the additive mask
         tape.free(scores)
         probs = tape.softmax(masked, "probs", a)              # compute dtype in and out, fp32 sums
@@ -70,8 +74,7 @@ def deltatune_attention_backward(shapes: ModelShapes, run: RunSettings, seq: flo
     if blockwise(seq, key_len):
         kv = 2 * b * key_len * shapes.kv_dim * 4               # dK, dV summed over blocks in fp32
         return 3 * block_elements(run, shapes, seq, key_len) * a + kv + b * seq * shapes.q_dim * a
-    cols = spans.causal_columns(b, int(seq), int(key_len)) if shapes.is_decoder else key_len
-    return 2 * b * shapes.heads * seq * cols * a               # dP, dS
+    return 2 * b * shapes.heads * seq * score_columns(shapes, b, seq, key_len) * a  # dP, dS
 
 
 def labelled_tokens(run: RunSettings, seq: float) -> float:

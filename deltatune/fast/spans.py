@@ -34,6 +34,8 @@ BLOCK_COST = 4096
 """The overhead of one block's products (one batch row or all of them), in score elements per head."""
 MIN_SAVING = 0.8
 """Blocks run only when they cost at most this share of the dense product."""
+MIN_QUERIES = 2 * 64
+"""Fewer query rows than this are never split (decoding steps, short rows)."""
 
 Span = tuple[int, int, int, int]  # query rows [s, e), keys [lo, hi)
 Block = tuple[slice, int, int, int, int]  # (batch rows, s, e, lo, hi): what blockwise.block_attention runs
@@ -83,10 +85,15 @@ def _cost(spans: list[Span], rows: int = 1) -> int:
     return sum(rows * (e - s) * (hi - lo) + BLOCK_COST for s, e, lo, hi in spans)
 
 
+def _saves(cost: int, batch: int, t: int, tk: int) -> bool:
+    """Do blocks of this cost beat the dense product by MIN_SAVING?"""
+    return cost <= MIN_SAVING * _cost([(0, t, 0, tk)], batch)
+
+
 def plan(mask: torch.Tensor | None, batch: int, t: int, tk: int) -> list[Block] | None:
     """The cheaper of the shared and per-row blocks for this mask, or None (dense) when neither costs
     at most MIN_SAVING of the dense product."""
-    if mask is None or t < 2 * 64:
+    if mask is None or t < MIN_QUERIES:
         return None
     global _last
     last = _last
@@ -100,7 +107,7 @@ def plan(mask: torch.Tensor | None, batch: int, t: int, tk: int) -> list[Block] 
         options.append((sum(_cost(r) for r in rows),
                         [(slice(r, r + 1), *span) for r, spans in enumerate(rows) for span in spans]))
     cost, best = min(options, key=lambda o: o[0])
-    chosen = best if cost <= MIN_SAVING * _cost([(0, t, 0, tk)], batch) else None
+    chosen = best if _saves(cost, batch, t, tk) else None
     _last = (weakref.ref(mask), (batch, t, tk), chosen)
     return chosen
 
@@ -109,10 +116,9 @@ def causal_columns(batch: int, t: int, tk: int) -> float:
     """Mean keys per query row that a causal batch's scores span (the shared plan, or every key when
     it stays dense): the estimator's probabilities per row. Keys before the row's own (a prefix) count
     for every row."""
-    if t < 2 * 64:
+    if t < MIN_QUERIES:
         return tk
-    offset = tk - t
-    shared = [(s, min(s + BLOCK, t), 0, offset + min(s + BLOCK, t)) for s in range(0, t, BLOCK)]
-    if _cost(shared, batch) > MIN_SAVING * _cost([(0, t, 0, tk)], batch):
+    shared = _row_blocks([0] * t, [tk - t + i + 1 for i in range(t)], cuts=False)  # row i: keys [0, prefix + i]
+    if not _saves(_cost(shared, batch), batch, t, tk):
         return tk
     return sum((e - s) * (hi - lo) for s, e, lo, hi in shared) / t
